@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   — create .venv if missing, install, run the pipeline end to end on built-in data
+#   make test   — create .venv if missing, install dev requirements, run the whole test suite
+PY      ?= python3
+VENV    ?= .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+DEVSTAMP:= $(VENV)/.installed-dev
+
+.PHONY: demo test venv install install-dev clean-demo
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+
+$(STAMP): requirements.txt pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(DEVSTAMP): requirements-dev.txt requirements.txt pyproject.toml | $(VPY)
+	$(VPY) -m pip install -q -r requirements-dev.txt
+	touch $(STAMP) $@
+
+install: $(STAMP)
+install-dev: $(DEVSTAMP)
+
+demo: $(STAMP)
+	$(VPY) utils/demo.py
+
+test: $(DEVSTAMP)
+	$(VPY) -m pytest -q
+
+clean-demo:
+	rm -rf data/demo runs/demo

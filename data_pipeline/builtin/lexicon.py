@@ -1,0 +1,163 @@
+"""The vocabulary of the built-in corpus: names, animals, places, objects, feelings, weather.
+
+Plain data, no logic. Every list is small enough to read, and together they give many
+thousands of distinct stories. Words are chosen from the simple vocabulary of children's
+books (the TinyStories paper, Eldan & Li 2023, shows a tiny model learns fluent English from
+such text).
+"""
+from __future__ import annotations
+
+GIRL_NAMES = (
+    "Lily", "Mia", "Emma", "Sara", "Lucy", "Anna", "Zoe", "Ella", "Amy", "Rosa", "Nora",
+    "Maya", "Ruby", "Ivy", "Hana", "Olivia", "Sophie", "Grace", "Chloe", "Isla", "Leah",
+    "Ada", "Nina", "Elsa", "Kira", "Aisha", "Mei", "Priya", "Julia", "Tess",
+)
+BOY_NAMES = (
+    "Tom", "Ben", "Max", "Leo", "Sam", "Jack", "Tim", "Noah", "Finn", "Oscar", "Hugo",
+    "Luke", "Owen", "Ravi", "Omar", "Jake", "Milo", "Theo", "Eli", "Kai", "Ryan", "Adam",
+    "Lucas", "Felix", "Arlo", "Toby", "Ezra", "Hiro", "Diego", "Joe",
+)
+# Children who go by "they" in the stories.
+THEY_NAMES = ("Alex", "Robin", "Charlie", "Jordan", "Riley", "Sky", "Quinn", "Jules", "Rowan", "Kit")
+ANIMAL_NAMES = (
+    "Pip", "Bubbles", "Whiskers", "Fluffy", "Spot", "Coco", "Daisy", "Buddy", "Sunny",
+    "Patch", "Biscuit", "Pepper", "Hoppy", "Nibbles", "Tiny", "Shadow", "Ziggy", "Lulu",
+    "Rusty", "Dot", "Ollie", "Puff", "Snowy", "Bean", "Waddles", "Squeak", "Misty", "Bolt",
+)
+
+# (kind, plural, sound or None, how it moves)
+ANIMALS = (
+    ("cat", "cats", "meowed", "ran"), ("dog", "dogs", "barked", "ran"),
+    ("puppy", "puppies", "barked", "ran"), ("kitten", "kittens", "meowed", "ran"),
+    ("bunny", "bunnies", None, "hopped"), ("bear", "bears", "growled", "walked"),
+    ("fox", "foxes", None, "ran"), ("owl", "owls", "hooted", "flew"),
+    ("duck", "ducks", "quacked", "waddled"), ("mouse", "mice", "squeaked", "ran"),
+    ("frog", "frogs", "croaked", "hopped"), ("squirrel", "squirrels", None, "ran"),
+    ("turtle", "turtles", None, "walked"), ("elephant", "elephants", None, "walked"),
+    ("bird", "birds", "sang", "flew"), ("lion", "lions", "roared", "ran"),
+    ("pig", "pigs", "oinked", "ran"), ("lamb", "lambs", None, "ran"),
+    ("hedgehog", "hedgehogs", None, "walked"), ("ant", "ants", None, "walked"),
+    ("monkey", "monkeys", None, "climbed"), ("penguin", "penguins", None, "waddled"),
+    ("goat", "goats", None, "ran"), ("horse", "horses", None, "ran"),
+)
+
+# Adjectives for a main character; "an" before vowel sounds is fixed by grammar.fix_articles.
+CHARACTER_ADJECTIVES = (
+    "little", "small", "brave", "curious", "kind", "shy", "happy", "clever", "gentle",
+    "playful", "friendly", "cheerful", "busy", "silly", "young", "quiet", "helpful", "lively",
+)
+HUMAN_KINDS = {"he": ("boy",), "she": ("girl",), "they": ("child", "kid")}
+
+# Grown-ups who help: (what the child calls them, pronoun).
+HELPERS = (("Mom", "she"), ("Dad", "he"), ("Grandma", "she"), ("Grandpa", "he"))
+
+# (name, phrase for being there, has_trees, is_outside)
+PLACES = (
+    ("park", "in the park", True, True), ("garden", "in the garden", True, True),
+    ("forest", "in the forest", True, True), ("backyard", "in the backyard", True, True),
+    ("meadow", "in the meadow", True, True), ("farm", "on the farm", True, True),
+    ("beach", "at the beach", False, True), ("pond", "by the pond", True, True),
+    ("river", "by the river", True, True), ("hill", "on the hill", True, True),
+    ("playground", "at the playground", True, True), ("zoo", "at the zoo", True, True),
+    ("school", "at school", False, False), ("library", "at the library", False, False),
+    ("kitchen", "in the kitchen", False, False), ("house", "in the house", False, False),
+    ("village", "in the village", True, True), ("market", "at the market", False, True),
+)
+
+COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "white", "brown", "shiny", "striped")
+
+# Objects a character can own and lose; (noun, plural, can_fly_away, can_break)
+TOYS = (
+    ("ball", "balls", True, False), ("kite", "kites", True, True), ("doll", "dolls", False, True),
+    ("teddy bear", "teddy bears", False, False), ("toy car", "toy cars", False, True),
+    ("toy boat", "toy boats", False, True), ("drum", "drums", False, True),
+    ("hat", "hats", True, False), ("balloon", "balloons", True, False),
+    ("scarf", "scarves", True, False), ("umbrella", "umbrellas", True, True),
+    ("toy train", "toy trains", False, True), ("yo-yo", "yo-yos", False, True),
+    ("spinning top", "spinning tops", False, True), ("robot", "robots", False, True),
+    ("book", "books", False, False), ("paper plane", "paper planes", True, True),
+    ("music box", "music boxes", False, True), ("bucket", "buckets", False, True),
+)
+
+# Things that can be counted (singular, plural) for story sums.
+COUNTABLES = (
+    ("apple", "apples"), ("cookie", "cookies"), ("flower", "flowers"), ("shell", "shells"),
+    ("stone", "stones"), ("sticker", "stickers"), ("balloon", "balloons"), ("egg", "eggs"),
+    ("marble", "marbles"), ("crayon", "crayons"), ("leaf", "leaves"), ("acorn", "acorns"),
+    ("cupcake", "cupcakes"), ("orange", "oranges"), ("carrot", "carrots"), ("feather", "feathers"),
+    ("button", "buttons"), ("strawberry", "strawberries"), ("block", "blocks"), ("star", "stars"),
+)
+
+FOODS = (
+    "apple", "cookie", "sandwich", "banana", "carrot", "piece of cake", "orange", "muffin",
+    "bowl of soup", "slice of bread", "pear", "cupcake", "bowl of berries", "piece of pie",
+)
+
+# (feeling, noun) pairs used in "felt {feeling}" and "full of {noun}".
+GOOD_FEELINGS = ("happy", "glad", "proud", "excited", "calm", "thankful", "cheerful", "warm inside")
+BAD_FEELINGS = ("sad", "scared", "worried", "upset", "lonely", "angry", "grumpy", "nervous")
+
+# (weather, sentence describing it); plots may require wind, sun or rain.
+WEATHER = {
+    "sunny": ("The sun was shining and the sky was blue.",
+              "It was a bright and sunny day.",
+              "The sun was warm and the birds were singing."),
+    "windy": ("The wind was blowing hard that day.",
+              "It was a windy day, and the leaves were dancing in the air.",
+              "A strong wind was blowing through the trees."),
+    "rainy": ("Big grey clouds covered the sky, and soon it began to rain.",
+              "It was a rainy day, and drops of water tapped on the windows.",
+              "The rain fell softly all morning."),
+    "snowy": ("Soft white snow covered the ground.",
+              "It was a cold day, and snow was falling.",
+              "Everything outside was white with snow."),
+    "cloudy": ("The sky was grey and cloudy.",
+               "Fluffy clouds were floating across the sky.",
+               "It was a cool and cloudy day."),
+}
+
+TIMES = ("One day", "One morning", "One sunny afternoon", "One evening", "Last summer",
+         "One Saturday", "Early one morning", "One spring day", "After lunch one day")
+
+ACTIVITIES = (
+    "play with {his} friends", "run in the grass", "sing songs", "draw pictures",
+    "look at the clouds", "read books", "climb trees", "play hide and seek",
+    "build things with blocks", "dance to music", "splash in puddles", "pick flowers",
+    "help {his} family", "tell jokes", "collect pretty stones", "watch the birds",
+)
+
+# Hiding places for a lost thing: (where it was found, how the finder saw it).
+HIDING_SPOTS = (
+    "under a big bush", "behind a tree", "under the bed", "next to the door",
+    "inside an old box", "under a pile of leaves", "behind the couch", "in the tall grass",
+    "under a bench", "beside a flower pot", "in a basket", "under a blanket",
+)
+
+HURT_ANIMALS = (("bird", "its wing was hurt"), ("puppy", "it had lost its way home"),
+                ("kitten", "it was stuck in a bush"), ("duckling", "it could not find its mother"),
+                ("baby rabbit", "its paw was hurt"), ("little turtle", "it was lying on its back"))
+
+SKILLS = (
+    # (goal phrase, trying sentence, failure sentence, success sentence)
+    ("ride a bike", "{He} got on the bike and pushed the pedals.",
+     "The bike wobbled, and {he} fell down on the grass.",
+     "At last, the bike rolled straight, and {he} rode all the way to the big tree."),
+    ("swim", "{He} jumped into the water and kicked {his} legs.",
+     "But {he} swallowed some water and had to grab the side.",
+     "At last, {he} swam from one side to the other all by {self}."),
+    ("bake a cake", "{He} mixed flour, eggs and sugar in a big bowl.",
+     "But the first cake came out flat and burnt.",
+     "At last, a round and fluffy cake came out of the oven."),
+    ("tie {his} shoes", "{He} made two loops with the laces.",
+     "But the loops fell apart again and again.",
+     "At last, the bow stayed tight, and {he} walked proudly across the room."),
+    ("whistle", "{He} pressed {his} lips together and blew.",
+     "But only air came out, with no sound at all.",
+     "At last, a clear little whistle came out, and a bird whistled back."),
+    ("climb the big hill", "{He} started up the steep path.",
+     "Halfway up, {his} legs got tired and {he} slid back down.",
+     "At last, {he} stood at the very top and could see the whole village."),
+    ("build a tall tower", "{He} put one block on top of another.",
+     "But the tower fell over with a loud crash.",
+     "At last, the tower stood taller than {he} {was}."),
+)
