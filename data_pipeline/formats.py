@@ -137,6 +137,12 @@ def sidecar_path(base: Path) -> Path:
     return _suffixed(Path(base), ".json")
 
 
+def bin_nbytes(base: Path) -> int:
+    """Bytes on disk of a token bin's data files (.bin, .idx, .mask)."""
+    files = (_suffixed(Path(base), s) for s in (".bin", ".idx", ".mask"))
+    return sum(f.stat().st_size for f in files if f.exists())
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -185,7 +191,11 @@ def check_compatible(sc: BinSidecar, where: Path, vocab_size: Optional[int] = No
 
 
 class TokenBinWriter:
-    """Streams items into a token bin; files appear atomically (temp + rename) on `close`."""
+    """Streams items into a token bin; files appear atomically (temp + rename) on `close`.
+
+    Use it as a context manager: leaving the block without `close` (an error) removes the
+    temp files and leaves any previous bin untouched.
+    """
 
     _FLUSH_TOKENS = 1 << 20
 
@@ -205,6 +215,18 @@ class TokenBinWriter:
         self._buffered = 0
         self.num_tokens = 0
         self.num_items = 0
+        self._closed = False
+
+    def __enter__(self) -> "TokenBinWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._closed:
+            self._tok_f.close()
+            if self._mask_f is not None:
+                self._mask_f.close()
+            for suffix in (".bin.tmp", ".mask.tmp"):
+                _suffixed(self.base, suffix).unlink(missing_ok=True)
 
     def add(self, parts: Sequence[Sequence[int] | np.ndarray], mask: Optional[Sequence[int]] = None) -> None:
         """Append one item made of `parts_per_item` token sequences (and its loss mask)."""
@@ -224,6 +246,17 @@ class TokenBinWriter:
             self._mask_buf.append(m)
         self.num_items += 1
         self._buffered += n_item
+        if self._buffered >= self._FLUSH_TOKENS:
+            self._flush()
+
+    def extend(self, tokens: np.ndarray, num_items: int) -> None:
+        """Append `num_items` whole items already joined into one array (bins without offsets)."""
+        if self.with_offsets or self.with_mask:
+            raise ValueError("extend() is for plain token streams (no offsets, no mask)")
+        self._buf.append(np.asarray(tokens, dtype=self.dtype))
+        self.num_tokens += len(tokens)
+        self.num_items += num_items
+        self._buffered += len(tokens)
         if self._buffered >= self._FLUSH_TOKENS:
             self._flush()
 
@@ -253,6 +286,7 @@ class TokenBinWriter:
             np.asarray(self._offsets, dtype="<i8").tofile(idx_tmp)
             os.replace(idx_tmp, _suffixed(self.base, ".idx"))
         write_json_atomic(side, sc.model_dump())
+        self._closed = True
         return sc
 
 

@@ -184,8 +184,13 @@ def _sliding_layout(d: dict, family: str, n_layers: int, window: Optional[int],
 
 
 # ---------------------------------------------------------------- HF → ours
-def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
-    """A Hugging Face ``config.json`` dict → `ModelConfig` (raises `HFFormatError`)."""
+def config_from_hf(hf: dict[str, Any], with_mtp: bool = False) -> ModelConfig:
+    """A Hugging Face ``config.json`` dict → `ModelConfig` (raises `HFFormatError`).
+
+    ``with_mtp``: keep DeepSeek-V3's ``num_nextn_predict_layers`` multi-token prediction
+    modules (``mtp_depth``); set it only when the checkpoint holds their weights (transformers
+    itself ignores them, and configs it writes announce them without saving any).
+    """
     model_type = hf.get("model_type")
     if model_type not in FAMILY_OF_MODEL_TYPE:
         supported = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
@@ -205,6 +210,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("use_bidirectional_attention"):
         raise _unsupported(model_type, "use_bidirectional_attention", True, "false")
 
+    if hf.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _unsupported(model_type, "partial_rotary_factor", hf["partial_rotary_factor"], "1.0")
     n_heads, dim, max_pos = f("num_attention_heads"), f("hidden_size"), f("max_position_embeddings")
     head_dim = f("head_dim") if family != "deepseek_v3" else None
     full_rope, sliding_rope = _rope_dicts(hf)
@@ -255,6 +262,8 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
                     query_pre_attn_scalar=f("query_pre_attn_scalar"))
     if family == "deepseek_v3":
         args.update(_deepseek_fields(hf, f, model_type))
+        if with_mtp:
+            args["mtp_depth"] = hf.get("num_nextn_predict_layers", 0)
     try:
         return ModelConfig(**args)
     except ValidationError as e:
@@ -264,8 +273,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def _deepseek_fields(hf: dict, f: _Fields, model_type: str) -> dict[str, Any]:
-    if f("attention_bias"):
-        raise _unsupported(model_type, "attention_bias", True, "false")
     if hf.get("scoring_func", "sigmoid") != "sigmoid":
         raise _unsupported(model_type, "scoring_func", hf["scoring_func"], "sigmoid")
     if hf.get("topk_method", "noaux_tc") != "noaux_tc":
@@ -319,7 +326,10 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.family != "deepseek_v3":
         hf["head_dim"] = cfg.attn_head_dim
     if gemma:
-        hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+        scalar = cfg.query_pre_attn_scalar
+        if scalar is not None and float(scalar).is_integer():
+            scalar = int(scalar)  # transformers 5 types this field as int
+        hf.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar,
                   attn_logit_softcapping=cfg.attn_logit_softcap, final_logit_softcapping=cfg.final_logit_softcap)
     else:
         hf["hidden_act"] = "silu"
@@ -348,13 +358,13 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         raise HFFormatError("family 'deepseek_v3' export needs moe (DeepseekV3 has MoE layers)")
     m = cfg.moe
     return {
-        "attention_bias": False, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+        "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
         "qk_rope_head_dim": cfg.qk_rope_head_dim, "qk_nope_head_dim": cfg.qk_nope_head_dim,
         "v_head_dim": cfg.v_head_dim, "n_routed_experts": m.n_routed_experts, "n_shared_experts": m.n_shared_experts,
         "num_experts_per_tok": m.num_experts_per_tok, "moe_intermediate_size": m.moe_ffn_hidden_dim,
         "norm_topk_prob": m.norm_topk_prob, "routed_scaling_factor": m.routed_scaling_factor, "n_group": m.n_group,
         "topk_group": m.topk_group, "first_k_dense_replace": m.first_k_dense_replace, "scoring_func": "sigmoid",
-        "topk_method": "noaux_tc", "rope_interleave": True, "num_nextn_predict_layers": 0,
+        "topk_method": "noaux_tc", "rope_interleave": True, "num_nextn_predict_layers": cfg.mtp_depth,
     }
 
 
@@ -364,7 +374,7 @@ _MOE_TRAINING_ONLY = {"bias_update_speed", "seq_aux_loss_alpha"}
 
 
 def _check_round_trip(cfg: ModelConfig, hf: dict[str, Any]) -> None:
-    back = config_from_hf(hf)
+    back = config_from_hf(hf, with_mtp=True)
     ours, theirs = cfg.model_dump(), back.model_dump()
     if cfg.moe is not None and back.moe is not None:
         for key in _MOE_TRAINING_ONLY:

@@ -42,14 +42,14 @@ def causal_linear_attention(
     phi_k: torch.Tensor,
     v: torch.Tensor,
     doc_ids: Optional[torch.Tensor] = None,
-    init: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    init: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     eps: float = EPS,
 ) -> torch.Tensor:
     """Normalised causal linear attention in parallel form.
 
     phi_q, phi_k, v: (B, H, T, hd); doc_ids: (B, T) — token i only sees tokens j <= i of its own
-    document. ``init = (S0 (B, H, hd, hd), z0 (B, H, hd), carry (B, T) bool)`` adds a carried
-    state to the tokens where ``carry`` is True. Returns (B, H, T, hd).
+    document. ``init = (S0 (B, H, hd, hd), z0 (B, H, hd))`` is a state carried in from earlier
+    tokens, seen by every token of the chunk. Returns (B, H, T, hd).
     """
     seq_len = phi_q.shape[2]
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=phi_q.device).tril()  # (T, T)
@@ -59,10 +59,9 @@ def causal_linear_attention(
     num = scores @ v  # (B, H, T, hd)
     den = scores.sum(dim=-1)  # (B, H, T)
     if init is not None:
-        s0, z0, carry = init
-        c = carry[:, None, :].to(phi_q.dtype)  # (B, 1, T)
-        num = num + c.unsqueeze(-1) * (phi_q @ s0)  # (B, H, T, hd)
-        den = den + c * (phi_q @ z0.unsqueeze(-1)).squeeze(-1)  # (B, H, T)
+        s0, z0 = init
+        num = num + phi_q @ s0  # (B, H, T, hd)
+        den = den + (phi_q @ z0.unsqueeze(-1)).squeeze(-1)  # (B, H, T)
     return num / (den.unsqueeze(-1) + eps)
 
 
@@ -70,11 +69,10 @@ def causal_linear_attention(
 class LinearAttentionState:
     """Recurrent state of one linear-attention layer (constant size in the sequence length)."""
 
-    S: torch.Tensor  # (B, H, hd, hd) sum of phi(k) v^T over the current document
+    S: torch.Tensor  # (B, H, hd, hd) sum of phi(k) v^T over the tokens consumed
     z: torch.Tensor  # (B, H, hd) sum of phi(k)
-    max_seq_len: int  # tokens the cache accepts in total (same contract as a KV cache)
-    length: int = 0  # tokens consumed so far
-    last_doc: Optional[torch.Tensor] = None  # (B,) document id of the last token, when doc_ids were given
+    max_seq_len: int  # positions the cache accepts in total (same contract as a KV cache)
+    length: int = 0  # tokens consumed so far = position of the next token
 
 
 class LinearAttention(nn.Module):
@@ -112,7 +110,13 @@ class LinearAttention(nn.Module):
         cache: Optional[LinearAttentionState] = None,
         doc_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: (B, T, D) → (B, T, D). ``positions`` only enter through ``rope`` (cos, sin: (B, T, hd))."""
+        """x (B, T, D), rope = (cos, sin) each (B, T, hd) or None, positions (B, T) -> (B, T, D).
+
+        With a cache the chunk must continue the state: ``positions[0, 0] == cache.length``
+        (the batch shares positions, as with the contiguous KV caches). Document masking
+        (``doc_ids``) is a training feature and needs ``cache=None``. No attention dropout:
+        there are no attention probabilities to drop.
+        """
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
@@ -130,40 +134,27 @@ class LinearAttention(nn.Module):
 
         if cache is None:
             out = causal_linear_attention(phi_q, phi_k, v, doc_ids)
+        elif doc_ids is not None:
+            raise ValueError("document masking (doc_ids) is only supported without a cache")
         else:
-            out = self._step(cache, phi_q, phi_k, v, doc_ids)
+            out = self._step(cache, int(positions[0, 0]), phi_q, phi_k, v)
         out = out.transpose(1, 2).reshape(batch, seq_len, -1).to(x.dtype)  # (B, T, H * hd)
         return self.o_proj(out)
 
     def _step(
-        self,
-        state: LinearAttentionState,
-        phi_q: torch.Tensor,
-        phi_k: torch.Tensor,
-        v: torch.Tensor,
-        doc_ids: Optional[torch.Tensor],
+        self, state: LinearAttentionState, start: int, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """Outputs of a chunk (prefill or one decoded token) given the carried state; updates it."""
-        batch, _, seq_len, _ = phi_q.shape
-        if state.length + seq_len > state.max_seq_len:
+        """Outputs of a chunk (prefill, or one decoded token) given the carried state; updates it."""
+        seq_len = phi_q.shape[2]
+        if start != state.length:
             raise ValueError(
-                f"linear-attention cache holds at most {state.max_seq_len} tokens, "
-                f"got {state.length} + {seq_len}"
+                f"linear-attention state has consumed {state.length} tokens and cannot rewind or skip; "
+                f"got a chunk starting at position {start}"
             )
-        if doc_ids is None:
-            carry = torch.ones(batch, seq_len, dtype=torch.bool, device=phi_q.device)  # (B, T)
-            in_last_doc = carry
-        else:
-            carry = doc_ids == doc_ids[:, :1]  # tokens of the chunk's first document
-            if state.last_doc is not None:
-                carry = carry & (doc_ids[:, :1] == state.last_doc[:, None])
-            in_last_doc = doc_ids == doc_ids[:, -1:]  # (B, T) tokens that shape the next state
-            state.last_doc = doc_ids[:, -1]
-        out = causal_linear_attention(phi_q, phi_k, v, doc_ids, (state.S, state.z, carry))
-
-        keep = carry[:, -1].to(phi_k.dtype)[:, None, None]  # (B, 1, 1) does the old state survive?
-        phi_k_last = phi_k * in_last_doc[:, None, :, None].to(phi_k.dtype)  # (B, H, T, hd)
-        state.S = keep.unsqueeze(-1) * state.S + phi_k_last.transpose(-1, -2) @ v  # (B, H, hd, hd)
-        state.z = keep * state.z + phi_k_last.sum(dim=2)  # (B, H, hd)
+        if start + seq_len > state.max_seq_len:
+            raise ValueError(f"linear-attention cache holds {state.max_seq_len} positions, got {start} + {seq_len}")
+        out = causal_linear_attention(phi_q, phi_k, v, init=(state.S, state.z))
+        state.S = state.S + phi_k.transpose(-1, -2) @ v  # (B, H, hd, hd)
+        state.z = state.z + phi_k.sum(dim=2)  # (B, H, hd)
         state.length += seq_len
         return out

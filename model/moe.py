@@ -112,9 +112,9 @@ class Router(nn.Module):
 
 
 class StackedExperts(nn.Module):
-    """E experts stored as 3-D parameters; tokens dispatched by sorting (token, slot) pairs by expert."""
+    """E bias-free experts stored as 3-D parameters; tokens dispatched by sorting (token, slot) pairs by expert."""
 
-    def __init__(self, n_experts: int, dim: int, hidden_dim: int, ffn_type: str, bias: bool, init_std: float):
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, ffn_type: str, init_std: float):
         super().__init__()
         self.n_experts = n_experts
         self.act = glu_activation(ffn_type)
@@ -123,26 +123,23 @@ class StackedExperts(nn.Module):
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape).normal_(0.0, init_std))
 
-        def zeros(*shape: int) -> nn.Parameter:
-            return nn.Parameter(torch.zeros(*shape))
-
         if self.is_glu:
             self.gate_proj = param(n_experts, hidden_dim, dim)  # (E, H, D)
-            self.gate_bias = zeros(n_experts, hidden_dim) if bias else None
         self.up_proj = param(n_experts, hidden_dim, dim)  # (E, H, D)
         self.down_proj = param(n_experts, dim, hidden_dim)  # (E, D, H)
-        self.up_bias = zeros(n_experts, hidden_dim) if bias else None
-        self.down_bias = zeros(n_experts, dim) if bias else None
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert ``e`` applied to x: (n, D) → (n, D)."""
-        up = F.linear(x, self.up_proj[e], None if self.up_bias is None else self.up_bias[e])  # (n, H)
-        if self.is_glu:
-            gate = F.linear(x, self.gate_proj[e], None if self.gate_bias is None else self.gate_bias[e])
-            h = self.act(gate) * up  # (n, H)
-        else:
-            h = self.act(up)
-        return F.linear(h, self.down_proj[e], None if self.down_bias is None else self.down_bias[e])  # (n, D)
+    def expert_weights(self) -> list[tuple[torch.Tensor, ...]]:
+        """Per-expert (gate?, up, down) matrices. One ``unbind`` per tensor: its backward stacks the
+        E gradients once, where E separate ``param[e]`` views would each add a full (E, ...) zero grad."""
+        mats = ([self.gate_proj] if self.is_glu else []) + [self.up_proj, self.down_proj]
+        return list(zip(*(m.unbind(0) for m in mats)))
+
+    def expert(self, weights: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Tensor:
+        """One expert with matrices ``weights`` = ([gate (H, D),] up (H, D), down (D, H)) on x: (n, D) → (n, D)."""
+        *gate, up_w, down_w = weights
+        up = F.linear(x, up_w)  # (n, H)
+        h = self.act(F.linear(x, gate[0])) * up if self.is_glu else self.act(up)  # (n, H)
+        return F.linear(h, down_w)  # (n, D)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         # x: (N, D), weights/indices: (N, k) → (N, D)
@@ -153,9 +150,9 @@ class StackedExperts(nn.Module):
         counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
         xs = x[token_of_slot]  # (N*k, D) tokens in expert order
         outs, start = [], 0
-        for e, n in enumerate(counts):
+        for mats, n in zip(self.expert_weights(), counts):
             if n:
-                outs.append(self.expert(e, xs[start : start + n]))
+                outs.append(self.expert(mats, xs[start : start + n]))
                 start += n
         ys = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, D), fp32 gate weights
         out = torch.zeros_like(x)  # (N, D)
@@ -169,20 +166,21 @@ class MoE(nn.Module):
         super().__init__()
         if cfg.moe is None:
             raise ValueError("MoE needs cfg.moe (a MoEConfig)")
+        if cfg.mlp_bias:
+            raise ValueError("mlp_bias=true is not supported with moe: routed experts have no biases")
         self.moe = m = cfg.moe
         self.gate = Router(cfg.dim, m, cfg.init_std)
-        self.experts = StackedExperts(
-            m.n_routed_experts, cfg.dim, m.moe_ffn_hidden_dim, cfg.ffn_type, cfg.mlp_bias, cfg.init_std
-        )
+        self.experts = StackedExperts(m.n_routed_experts, cfg.dim, m.moe_ffn_hidden_dim, cfg.ffn_type, cfg.init_std)
         self.shared_experts = (
-            FeedForward(cfg.dim, m.moe_ffn_hidden_dim * m.n_shared_experts, cfg.ffn_type, cfg.mlp_bias)
+            FeedForward(cfg.dim, m.moe_ffn_hidden_dim * m.n_shared_experts, cfg.ffn_type)
             if m.n_shared_experts > 0
             else None
         )
         # Per-expert token counts of the training forwards since the last bias update. A plain
         # tensor attribute, not a registered buffer: DDP (broadcast_buffers=True) would overwrite
-        # every rank's buffers with rank 0's before each forward, losing the local counts.
-        self.tokens_per_expert = torch.zeros(m.n_routed_experts, dtype=torch.int64)
+        # every rank's buffers with rank 0's before each forward, losing the local counts. Made on
+        # the CPU even under a meta-device context, and moved to the tokens' device on first use.
+        self.tokens_per_expert = torch.zeros(m.n_routed_experts, dtype=torch.int64, device="cpu")
         # Global (all-reduced) counts of the last optimizer step, set by ``update_moe_biases``.
         self.last_tokens_per_expert: Optional[torch.Tensor] = None
         self.aux_loss: Optional[torch.Tensor] = None

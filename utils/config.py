@@ -54,6 +54,7 @@ class DataConfig(Section):
     val_bin: Optional[RepoPath] = None  # None → <data_dir>/pretrain/val.bin
     seq_len: Optional[PositiveInt] = None  # None → model.max_seq_len
     num_workers: NonNegativeInt = 0
+    doc_masking: bool = False  # pretraining: no attention across EOS-separated documents (Llama 3)
 
     def tokenizer_path(self) -> Path:
         return self.tokenizer_dir or self.data_dir / "tokenizer"
@@ -84,12 +85,16 @@ class TrainingConfig(Section):
     lr_schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: NonNegativeInt = 100
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0)  # wsd: final fraction of steps that decays
+    wsd_decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd: shape of the final decay (1-sqrt: Hägele et al. 2024)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     # numerics and hardware
     seed: int = 1337
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    # torch.compile backend: "inductor" (fast kernels); "aot_eager" / "eager" trace without
+    # generating code (debugging, quick tests). Checked against torch's registered backends.
+    compile_backend: str = Field("inductor", min_length=1)
     parallelism: Literal["ddp", "fsdp"] = "ddp"  # used when launched with torchrun (WORLD_SIZE > 1)
     activation_checkpointing: bool = False
     # evaluation
@@ -110,6 +115,7 @@ class LoggingConfig(Section):
     sample_interval: NonNegativeInt = 0  # 0 disables sample generations
     sample_prompt: str = "Once upon a time"
     sample_tokens: PositiveInt = 48
+    sample_top_k: NonNegativeInt = 0  # sample generations: 0 → greedy, k → top-k sampling
     tensorboard: bool = False
     wandb: bool = False
     wandb_project: str = "llm-from-scratch"

@@ -69,17 +69,20 @@ def join_list(items: list[str]) -> str:
 
 
 def pronoun_slots(prefix: str, pronoun: str) -> dict[str, str]:
-    """Template slots for one character's pronoun set, lower- and upper-case.
+    """Template slots for one character's pronoun set and the verbs that agree with it.
 
-    pronoun_slots("f_", "they") -> {"f_he": "they", "F_he": "They", "f_was": "were", ...}.
-    The capitalised key upper-cases the first letter of the whole key, so the hero (prefix "")
-    gets "He"/"Was" and the friend (prefix "f_") gets "F_he"/"F_was".
+    pronoun_slots("f_", "they") -> {"f_he": "they", "f_him": "them", "f_was": "were", ...}.
+    Capitalised variants ({He}, {F_was}) are added for every slot by `add_capitalized`.
     """
-    slots: dict[str, str] = {}
-    for key, value in PRONOUNS[pronoun].items():
-        slots[prefix + key] = value
-        slots[capitalize(prefix + key)] = capitalize(value)
-    return slots
+    return {prefix + key: value for key, value in PRONOUNS[pronoun].items()}
+
+
+def add_capitalized(slots: dict[str, str]) -> dict[str, str]:
+    """Add a sentence-start variant of every slot: {he} -> {He}, {friend_first} -> {Friend_first}."""
+    out = dict(slots)
+    for key, value in slots.items():
+        out.setdefault(capitalize(key), capitalize(value))
+    return out
 
 
 _SLOT = re.compile(r"\{([A-Za-z_]+)\}")

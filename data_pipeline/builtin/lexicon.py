@@ -51,20 +51,29 @@ HUMAN_KINDS = {"he": ("boy",), "she": ("girl",), "they": ("child", "kid")}
 # Grown-ups who help: (what the child calls them, pronoun).
 HELPERS = (("Mom", "she"), ("Dad", "he"), ("Grandma", "she"), ("Grandpa", "he"))
 
-# (name, phrase for being there, has_trees, is_outside)
+# (name, being there, going there, is_outside, has_trees)
 PLACES = (
-    ("park", "in the park", True, True), ("garden", "in the garden", True, True),
-    ("forest", "in the forest", True, True), ("backyard", "in the backyard", True, True),
-    ("meadow", "in the meadow", True, True), ("farm", "on the farm", True, True),
-    ("beach", "at the beach", False, True), ("pond", "by the pond", True, True),
-    ("river", "by the river", True, True), ("hill", "on the hill", True, True),
-    ("playground", "at the playground", True, True), ("zoo", "at the zoo", True, True),
-    ("school", "at school", False, False), ("library", "at the library", False, False),
-    ("kitchen", "in the kitchen", False, False), ("house", "in the house", False, False),
-    ("village", "in the village", True, True), ("market", "at the market", False, True),
+    ("park", "in the park", "went to the park", True, True),
+    ("garden", "in the garden", "went out into the garden", True, True),
+    ("forest", "in the forest", "went for a walk in the forest", True, True),
+    ("backyard", "in the backyard", "went out to the backyard", True, True),
+    ("meadow", "in the meadow", "went to the meadow", True, True),
+    ("farm", "on the farm", "went to visit the farm", True, True),
+    ("beach", "at the beach", "went to the beach", True, False),
+    ("pond", "by the pond", "went down to the pond", True, True),
+    ("river", "by the river", "went down to the river", True, True),
+    ("hill", "on the hill", "walked up the hill", True, True),
+    ("playground", "at the playground", "went to the playground", True, True),
+    ("zoo", "at the zoo", "went to the zoo", True, True),
+    ("village", "in the village", "walked through the village", True, True),
+    ("market", "at the market", "went to the market", True, False),
+    ("school", "at school", "went to school", False, False),
+    ("library", "at the library", "went to the library", False, False),
+    ("kitchen", "in the kitchen", "went into the kitchen", False, False),
+    ("house", "at home", "stayed at home", False, False),
 )
 
-COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "white", "brown", "shiny", "striped")
+COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "white", "brown", "black", "gray")
 
 # Objects a character can own and lose; (noun, plural, can_fly_away, can_break)
 TOYS = (
@@ -88,12 +97,13 @@ COUNTABLES = (
     ("button", "buttons"), ("strawberry", "strawberries"), ("block", "blocks"), ("star", "stars"),
 )
 
+# Snacks that can be broken in two and shared.
 FOODS = (
-    "apple", "cookie", "sandwich", "banana", "carrot", "piece of cake", "orange", "muffin",
-    "bowl of soup", "slice of bread", "pear", "cupcake", "bowl of berries", "piece of pie",
+    "cookie", "sandwich", "muffin", "cupcake", "banana", "pancake", "granola bar",
+    "cheese sandwich", "chocolate bar", "pretzel", "rice cake", "apple pie",
 )
 
-# (feeling, noun) pairs used in "felt {feeling}" and "full of {noun}".
+# Feelings, used as "felt {feeling}".
 GOOD_FEELINGS = ("happy", "glad", "proud", "excited", "calm", "thankful", "cheerful", "warm inside")
 BAD_FEELINGS = ("sad", "scared", "worried", "upset", "lonely", "angry", "grumpy", "nervous")
 
@@ -108,16 +118,13 @@ WEATHER = {
     "rainy": ("Big grey clouds covered the sky, and soon it began to rain.",
               "It was a rainy day, and drops of water tapped on the windows.",
               "The rain fell softly all morning."),
-    "snowy": ("Soft white snow covered the ground.",
-              "It was a cold day, and snow was falling.",
-              "Everything outside was white with snow."),
     "cloudy": ("The sky was grey and cloudy.",
-               "Fluffy clouds were floating across the sky.",
+               "Soft white clouds were floating across the sky.",
                "It was a cool and cloudy day."),
 }
 
-TIMES = ("One day", "One morning", "One sunny afternoon", "One evening", "Last summer",
-         "One Saturday", "Early one morning", "One spring day", "After lunch one day")
+TIMES = ("One day", "One morning", "One afternoon", "One Saturday", "Early one morning",
+         "One spring day", "After lunch one day", "On a Sunday", "One autumn day")
 
 ACTIVITIES = (
     "play with {his} friends", "run in the grass", "sing songs", "draw pictures",
@@ -126,16 +133,23 @@ ACTIVITIES = (
     "help {his} family", "tell jokes", "collect pretty stones", "watch the birds",
 )
 
-# Hiding places for a lost thing: (where it was found, how the finder saw it).
-HIDING_SPOTS = (
-    "under a big bush", "behind a tree", "under the bed", "next to the door",
-    "inside an old box", "under a pile of leaves", "behind the couch", "in the tall grass",
-    "under a bench", "beside a flower pot", "in a basket", "under a blanket",
+# Where a lost thing turns up, outside and inside.
+OUTDOOR_SPOTS = (
+    "under a big bush", "behind a tree", "under a pile of leaves", "in the tall grass",
+    "under a bench", "beside a flower pot", "next to a big rock", "behind the fence",
+)
+INDOOR_SPOTS = (
+    "under the bed", "behind the couch", "inside an old box", "in a basket",
+    "under a blanket", "next to the door", "on a high shelf", "under the table",
 )
 
-HURT_ANIMALS = (("bird", "its wing was hurt"), ("puppy", "it had lost its way home"),
-                ("kitten", "it was stuck in a bush"), ("duckling", "it could not find its mother"),
-                ("baby rabbit", "its paw was hurt"), ("little turtle", "it was lying on its back"))
+# A small animal in trouble: (animal, what is wrong).
+HURT_ANIMALS = (
+    ("bird", "its wing was hurt"), ("puppy", "it had lost its way home"),
+    ("kitten", "it was stuck in a bush"), ("duckling", "it could not find its mother"),
+    ("rabbit", "its paw was hurt"), ("turtle", "it was lying on its back"),
+    ("hedgehog", "it was cold and hungry"), ("baby owl", "it had fallen out of its nest"),
+)
 
 SKILLS = (
     # (goal phrase, trying sentence, failure sentence, success sentence)

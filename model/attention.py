@@ -1,0 +1,178 @@
+"""Causal softmax attention: MHA / GQA / MQA with the options of the supported families.
+
+- Multi-head attention: Vaswani et al. 2017, "Attention Is All You Need".
+- Grouped-query / multi-query attention (``n_kv_heads`` < ``n_heads``): Ainslie et al. 2023
+  (GQA), Shazeer 2019 (MQA).
+- QK-norm (Qwen3, Gemma 3): an RMSNorm over head_dim on q and k, before RoPE.
+- Sliding-window attention (Mistral; Gemma 2/3 local layers): Beltagy et al. 2020
+  ("Longformer"); a query sees the ``window`` most recent keys, itself included.
+- Logit soft-capping and ``query_pre_attn_scalar`` (Gemma 2, Team Gemma 2024).
+- ALiBi biases (Press et al. 2022) and document masking for packed sequences.
+
+The plain causal case calls ``F.scaled_dot_product_attention(is_causal=True)`` with no mask
+tensor; masks are built only when needed (sliding window, documents, cache offsets, ALiBi).
+Soft-capping needs the logits, so it takes an explicit (grouped, never repeated) path.
+
+Masks are expressed in *slots*: without a cache a token's slot is its index in the sequence;
+with a contiguous cache it is the cache slot, i.e. its position.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.cache import KVLayerCache
+from model.config import ModelConfig
+from model.norms import build_norm
+from model.positions import alibi_bias, alibi_slopes, apply_rope
+
+Rope = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+def build_mask(
+    q_start: int,
+    q_len: int,
+    k_start: int,
+    k_len: int,
+    window: Optional[int] = None,
+    doc_ids: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
+    force: bool = False,
+) -> tuple[Optional[torch.Tensor], bool]:
+    """Which keys each query may see, for queries at slots q_start.. and keys at k_start...
+
+    Key j is visible to query i when j <= i, i - j < window (if any) and both belong to the
+    same document (if ``doc_ids`` (B, T) is given). Returns ``(mask, is_causal)``: a boolean
+    mask (B or 1, 1, T, S), True = attend; or ``(None, True)`` when sdpa's own causal mask is
+    exact; or ``(None, False)`` when every key is visible. ``force`` always builds the mask.
+    """
+    if doc_ids is None and not force:
+        q_last, k_last = q_start + q_len - 1, k_start + k_len - 1
+        if k_start == q_start and k_len == q_len and (window is None or q_len <= window):
+            return None, True
+        if k_last <= q_start and (window is None or q_last - k_start < window):
+            return None, False
+    q = torch.arange(q_start, q_start + q_len, device=device)[:, None]  # (T, 1)
+    k = torch.arange(k_start, k_start + k_len, device=device)[None, :]  # (1, S)
+    mask = k <= q  # (T, S)
+    if window is not None:
+        mask = mask & (q - k < window)
+    mask = mask[None, None]  # (1, 1, T, S)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # (B, 1, T, T)
+    return mask, False
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    bias: Optional[torch.Tensor] = None,
+    softcap: Optional[float] = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """softmax(scale * q k^T [softcapped] + bias, masked) v.
+
+    q: (B, H, T, d), k: (B, n_kv, S, d), v: (B, n_kv, S, dv) with H a multiple of n_kv;
+    mask: bool (B|1, 1, T, S); bias: float (B|1, H, T, S). Returns (B, H, T, dv).
+    """
+    n_heads, n_kv = q.shape[1], k.shape[1]
+    if softcap is None:
+        attn_mask = mask
+        if bias is not None:
+            attn_mask = bias.to(q.dtype) if mask is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+            enable_gqa=n_heads != n_kv,
+        )
+    # explicit path (Gemma 2): queries grouped per kv head so K/V are never repeated
+    batch, _, seq_len, _ = q.shape
+    group = n_heads // n_kv
+    qg = q.reshape(batch, n_kv, group, seq_len, q.shape[-1])  # (B, n_kv, G, T, d)
+    scores = (qg @ k.unsqueeze(2).transpose(-1, -2)) * scale  # (B, n_kv, G, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.reshape(bias.shape[0], n_kv, group, seq_len, -1)
+    if is_causal:
+        mask = torch.ones(seq_len, k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    out = probs @ v.unsqueeze(2)  # (B, n_kv, G, T, dv)
+    return out.reshape(batch, n_heads, seq_len, v.shape[-1])
+
+
+class Attention(nn.Module):
+    """Causal self-attention with n_kv_heads key/value heads (MHA, GQA or MQA)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.attn_head_dim
+        self.q_proj = nn.Linear(cfg.dim, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.attn_out_bias)
+        self.q_norm = build_norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.k_norm = build_norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
+        self.window = cfg.sliding_window if cfg.layer_type(layer_idx) == "sliding" else None
+        self.softcap = cfg.attn_logit_softcap
+        self.alibi = cfg.position_type == "alibi"
+        self.dropout = cfg.dropout
+        self._slopes = alibi_slopes(self.n_heads) if self.alibi else None  # (H,) fp32, CPU
+
+    def init_cache(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> KVLayerCache:
+        return KVLayerCache(batch_size, max_seq_len, self.n_kv_heads, self.head_dim, device, dtype)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        positions: torch.Tensor,
+        cache: Optional[KVLayerCache] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """x (B, T, D), rope = (cos, sin) each (B, T, hd) or None, positions (B, T) -> (B, T, D)."""
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
+        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        q_start = k_start = 0
+        if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("document masking (doc_ids) is only supported without a cache")
+            q_start = int(positions[0, 0])  # contiguous cache: the batch shares slots = positions
+            k, v = cache.update(q_start, k, v)  # (B, S, n_kv, hd)
+            if self.window is not None:  # keys older than the window are never needed
+                k_start = max(0, q_start - self.window + 1)
+                k, v = k[:, k_start:], v[:, k_start:]
+        k_len = k.shape[1]
+        force = self.alibi or self.softcap is not None
+        mask, is_causal = build_mask(q_start, seq_len, k_start, k_len, self.window, doc_ids, x.device, force)
+        bias = None
+        if self.alibi:
+            q_slots = torch.arange(q_start, q_start + seq_len, device=x.device)
+            k_slots = torch.arange(k_start, k_start + k_len, device=x.device)
+            bias = alibi_bias(self._slopes, q_slots, k_slots)[None]  # (1, H, T, S)
+        out = attend(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask, is_causal, bias,
+            self.softcap, self.dropout if self.training else 0.0,
+        )  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))

@@ -1,0 +1,344 @@
+"""The one training loop every stage uses (structure after torchtitan's ``Trainer``, the loop
+itself as plain as nanoGPT's ``train.py``).
+
+A stage is *data + a loss function + which parameters train*, never a copy of this loop:
+
+    trainer = Trainer(cfg, model, causal_lm_loss, train_loader, run, dist, stage="pretrain",
+                      val_data=lambda: val_loader, trainable=None)
+    trainer.resume("auto")    # optional
+    trainer.fit()
+
+One optimizer step: draw `grad_accum_steps` micro-batches, count their targets and all-reduce
+the count, then forward/backward each micro-batch with its share of the mean loss over all
+targets of the step (`trainer.losses.micro_batch_objective`; gradient sync only on the last
+micro-batch), unscale (fp16), clip, let the spike guard judge the step, and either update
+(optimizer, MoE balancing biases) or skip / roll back. Then log, evaluate, sample and save
+on their intervals. AMP through `torch.autocast` (bf16, or fp16 with a `GradScaler`),
+`torch.compile` with a warning fallback, DDP / FSDP2 from `trainer.distributed`; rank 0 alone
+logs and writes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from model.moe import moe_load_stats, moe_modules, update_moe_biases
+from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
+from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, unwrap, wrap_model
+from trainer.evaluation import TextSampler, evaluate, to_device
+from trainer.losses import Batch, LossFn, count_targets, micro_batch_objective
+from trainer.metrics import MetricsLogger, Throughput, mfu, peak_flops, peak_memory_gb
+from trainer.optim import build_optimizer, set_lr
+from trainer.schedule import lr_multiplier
+from trainer.spike_guard import Decision, SpikeGuard
+from utils.config import ExperimentConfig
+from utils.device import autocast_context, pick_dtype
+from utils.errors import UserError
+from utils.plot_metrics import plot_run
+from utils.runs import RunDir
+
+logger = logging.getLogger(__name__)
+
+ParamFilter = Callable[[str, nn.Parameter], bool]
+
+
+class Trainer:
+    """Runs the optimizer steps of one stage. See the module docstring for the protocol.
+
+    Args:
+        cfg: the experiment config (``training``, ``logging``, ``checkpointing``, ``model``).
+        model: the plain model, on ``dist.device``, identically initialised on every rank.
+        loss_fn: ``(model, batch) -> LossOutput`` (sum of per-target losses + their count).
+        train_data: an endless iterator of batches (dicts of CPU tensors) with
+            ``state_dict()`` / ``load_state_dict()`` for exact resume.
+        run: the run directory (checkpoints, metrics.jsonl, config.yaml).
+        dist: this process's rank / world size / device.
+        stage: recorded in checkpoint metadata ("pretrain", "sft", ...).
+        val_data: returns a fresh iterator over this rank's validation batches, identical
+            at every call; None disables validation.
+        count_fn: target tokens of a batch, known before the forward (default: labels != -100).
+        trainable: ``(name, param) -> bool``; the others are frozen. None → all parameters.
+        optimizer_factory: ``(model) -> Optimizer`` over the trainable parameters; default
+            `trainer.optim.build_optimizer` from ``cfg.training``.
+        tokenizer_dir: copied into every checkpoint so inference can load it alone.
+        sampler: sample generations for the log (`TextSampler`), None disables them.
+        flops_per_token: training FLOPs per token, for MFU (None → no MFU).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, model: nn.Module, loss_fn: LossFn, train_data: Iterator[Batch],
+                 run: RunDir, dist: DistInfo, *, stage: str,
+                 val_data: Optional[Callable[[], Iterable[Batch]]] = None,
+                 count_fn: Callable[[Batch], int] = count_targets,
+                 trainable: Optional[ParamFilter] = None,
+                 optimizer_factory: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
+                 tokenizer_dir: Optional[Path] = None, sampler: Optional[TextSampler] = None,
+                 flops_per_token: Optional[float] = None) -> None:
+        self.cfg, self.tcfg = cfg, cfg.training
+        self.loss_fn, self.count_fn = loss_fn, count_fn
+        self.train_data, self.val_data = train_data, val_data
+        self.run, self.dist, self.stage = run, dist, stage
+        self.device = dist.device
+        self.dtype = pick_dtype(self.tcfg.dtype, self.device)
+        self.tokenizer_dir, self.sampler, self.flops_per_token = tokenizer_dir, sampler, flops_per_token
+
+        if trainable is not None:
+            for name, p in model.named_parameters():
+                p.requires_grad_(trainable(name, p))
+        self.base = model
+        self.model = wrap_model(model, dist, self.tcfg)
+        self.eager_model = self.model
+        self._compile_pending = False
+        if self.tcfg.compile:
+            self.model = self._compile(self.model)
+        self.optimizer = (optimizer_factory or (lambda m: build_optimizer(m, self.tcfg)))(model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.guard = SpikeGuard(self.tcfg.spike_threshold, self.tcfg.spike_window, self.tcfg.spike_max_consecutive,
+                                self.tcfg.spike_lr_factor, enabled=self.tcfg.spike_guard)
+        ck = cfg.checkpointing
+        self.ckpt = CheckpointManager(run.checkpoints, ck.keep_last, ck.keep_best, is_writer=dist.is_main)
+        self.step = 0  # optimizer steps done (skipped ones included)
+        self.tokens_seen = 0  # input tokens consumed, all ranks
+        self.losses: list[tuple[int, float]] = []  # (step, loss) of this process's steps, for callers
+        self.last_val: Optional[dict[str, float]] = None
+        self._saved_step: Optional[int] = None
+        self.throughput = Throughput(self.device)
+        self.metrics: Optional[MetricsLogger] = None  # created by `fit`
+
+    # ------------------------------------------------------------------ setup helpers
+    def amp(self):
+        return autocast_context(self.device, self.dtype)
+
+    def _compile(self, model: nn.Module) -> nn.Module:
+        import torch._dynamo
+
+        backend = self.tcfg.compile_backend
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if backend not in known:
+            raise UserError(f"training.compile_backend={backend!r} is not a torch.compile backend "
+                            f"(e.g. {', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in known)})")
+        self._compile_pending = True  # the first forward/backward compiles; it may still fail
+        return torch.compile(model, backend=backend)
+
+    def resume(self, resume: Optional[str]) -> Optional[Path]:
+        """``None`` (fresh start), ``"auto"`` (this run's newest checkpoint, if any) or a path."""
+        self.ckpt.clean_stale()
+        path = resolve_resume(resume, self.run.checkpoints)
+        if path is None:
+            if resume == "auto":
+                logger.info("--resume auto: no checkpoint in %s yet, starting fresh", self.run.checkpoints)
+            return None
+        load_training_checkpoint(self, path, restore_data=True)
+        logger.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_at: Optional[int] = None) -> dict[str, Any]:
+        """Train until ``training.max_steps`` and write ``checkpoints/final``; returns a summary.
+
+        ``stop_at`` ends earlier, after that step, with a resumable checkpoint (the schedule
+        still follows ``max_steps``): training in pieces equals training straight through.
+        """
+        self.ckpt.clean_stale()
+        tcfg, lcfg = self.tcfg, self.cfg.logging
+        self.metrics = MetricsLogger(self.run, lcfg, self.dist.is_main, tcfg.max_steps, self.step,
+                                     config=self.cfg.model_dump(mode="json"))
+        self.throughput = Throughput(self.device)
+        window: list[float] = []
+        self.model.train()
+        try:
+            end = tcfg.max_steps if stop_at is None else min(stop_at, tcfg.max_steps)
+            while self.step < end:
+                stats = self.train_step()
+                decision = stats["decision"]
+                window.append(stats["loss"])
+                self.metrics.advance(loss=stats["loss"], lr=self.optimizer.param_groups[0]["lr"])
+                if decision.action != "step":
+                    logger.warning("step %d: update skipped — %s", self.step, decision.reason)
+                if decision.action == "rollback":
+                    self._rollback(decision)
+                    window.clear()
+                    continue
+                if self.step % lcfg.log_interval == 0 or self.step == tcfg.max_steps:
+                    self._log(window, stats)
+                    window.clear()
+                self._periodic()
+            return self._finish(final=self.step >= tcfg.max_steps)
+        finally:
+            self.metrics.close()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `grad_accum_steps` micro-batches (or a skipped one).
+
+        Returns ``loss`` (global mean over the step's targets), ``grad_norm`` (before
+        clipping), ``decision`` (the spike guard's), ``sums`` (logged per-target means) and
+        ``tokens`` (input tokens of all ranks).
+        """
+        set_lr(self.optimizer, self.base_lr_multiplier())
+        stats = self._forward_backward()
+        stats["decision"] = self._update(stats)
+        self.step += 1
+        self.tokens_seen += stats["tokens"]
+        self.losses.append((self.step, stats["loss"]))
+        return stats
+
+    def base_lr_multiplier(self) -> float:
+        """Schedule multiplier for the update about to happen × the spike guard's LR scale."""
+        return lr_multiplier(self.step, self.tcfg) * self.guard.lr_scale
+
+    def _forward_backward(self) -> dict[str, Any]:
+        """All micro-batches of one step; returns the step's global mean loss and logged sums."""
+        accum = self.tcfg.grad_accum_steps
+        micro = [to_device(next(self.train_data), self.device) for _ in range(accum)]
+        counts = torch.tensor([sum(self.count_fn(b) for b in micro)], dtype=torch.int64, device=self.device)
+        global_tokens = max(int(all_reduce_sum(counts).item()), 1)
+        sums: dict[str, torch.Tensor] = {}
+        aux = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, batch in enumerate(micro):
+            out = self._loss_and_backward(batch, global_tokens, is_last=i == accum - 1)
+            for k, v in {"loss": out.loss_sum, **out.sums}.items():
+                sums[k] = sums.get(k, 0) + v.detach().double()
+            if out.aux_loss is not None:
+                aux += out.aux_loss.detach().double() / accum
+        names = list(sums)
+        packed = all_reduce_sum(torch.stack([sums[k] for k in names] + [aux]))
+        values = (packed[:-1] / global_tokens).tolist()  # per-target means over the whole step
+        logged = dict(zip(names[1:], values[1:]))
+        if out.aux_loss is not None:
+            logged["aux"] = packed[-1].item() / self.dist.world_size  # mean over micro-batches and ranks
+        local = sum(int(b["input_ids"].numel()) if "input_ids" in b else self.count_fn(b) for b in micro)
+        self.throughput.add(local * self.dist.world_size)
+        return {"loss": values[0], "sums": logged, "tokens": local * self.dist.world_size}
+
+    def _loss_and_backward(self, batch: Batch, global_tokens: int, is_last: bool):
+        """One micro-batch; the first one under torch.compile falls back to eager on failure."""
+        try:
+            out = self._micro_step(batch, global_tokens, is_last)
+        except Exception as e:  # noqa: BLE001 - compile errors come in many types
+            if not self._compile_pending:
+                raise
+            logger.warning("torch.compile (backend %s) failed, continuing without it: %s: %s",
+                           self.tcfg.compile_backend, type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+            self.model = self.eager_model
+            self._compile_pending = False
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self._micro_step(batch, global_tokens, is_last)
+        self._compile_pending = False
+        return out
+
+    def _micro_step(self, batch: Batch, global_tokens: int, is_last: bool):
+        with no_sync_context(self.model, is_last):
+            with self.amp():
+                out = self.loss_fn(self.model, batch)
+            loss = micro_batch_objective(out, global_tokens, self.dist.world_size, self.tcfg.grad_accum_steps)
+            self.scaler.scale(loss).backward()
+        return out
+
+    def _update(self, stats: dict[str, Any]) -> Decision:
+        """Clip, judge, then step the optimizer or skip the update."""
+        if self.scaler.is_enabled():
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        stats["grad_norm"] = grad_norm = float(norm.item())
+        loss = stats["loss"]
+        if self.scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm):
+            decision = Decision("skip", f"fp16 gradient overflow, loss scale lowered from {self.scaler.get_scale():g}")
+            self.scaler.step(self.optimizer)  # sees the inf and skips
+            self.scaler.update()
+        else:
+            decision = self.guard.check(self.step, loss, grad_norm)
+            if decision.action == "step":
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+        if decision.action == "step":
+            update_moe_biases(self.base)
+        else:
+            for _, layer in moe_modules(self.base):  # drop the skipped step's expert counts
+                layer.tokens_per_expert.zero_()
+        self.optimizer.zero_grad(set_to_none=True)
+        return decision
+
+    def _rollback(self, decision: Decision) -> None:
+        start = self.guard.streak_start if self.guard.streak_start is not None else self.step
+        target = self.ckpt.newest_before(start)
+        if target is None:
+            raise UserError(f"training diverged at step {self.step} ({decision.reason}) and no checkpoint from "
+                            f"before step {start + 1} exists to roll back to: lower training.learning_rate or save "
+                            "earlier (checkpointing.save_interval)")
+        load_training_checkpoint(self, target, restore_data=False)
+        self.guard.on_rollback()
+        logger.warning("rolled back to %s (step %d); data continues past the bad batches; LR scale now %g",
+                       target.name, self.step, self.guard.lr_scale)
+        if self.metrics is not None:
+            self.metrics.reset_bar(self.step)
+
+    # ------------------------------------------------------------------ logging, eval, saving
+    def _log(self, window: list[float], stats: dict[str, Any]) -> None:
+        tps = self.throughput.measure()
+        record: dict[str, Any] = {
+            "loss": sum(window) / len(window), "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": stats["grad_norm"], "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
+            "peak_mem_gb": peak_memory_gb(self.device), "skipped_steps": self.guard.skipped_total,
+        }
+        record.update(stats["sums"])
+        if self.flops_per_token is not None:
+            peak, source = peak_flops(self.device, self.dtype)
+            record["mfu"] = mfu(self.flops_per_token, tps, peak, self.dist.world_size)
+            record["peak_flops_source"] = source
+        record.update({k: v for k, v in moe_load_stats(self.base).items() if k in ("moe/max_min_ratio", "moe/cv")})
+        self._record(record)
+        logger.info("step %d/%d | loss %.4f | lr %.3g | grad %.3g | %.0f tok/s%s", self.step, self.tcfg.max_steps,
+                    record["loss"], record["lr"], record["grad_norm"], tps,
+                    f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else "")
+
+    def _record(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.log(self.step, record)
+
+    def _periodic(self) -> None:
+        last = self.step == self.tcfg.max_steps
+        if self.val_data is not None and (self.step % self.tcfg.eval_interval == 0 or last):
+            self.validate()
+        interval = self.cfg.logging.sample_interval
+        if self.sampler is not None and interval > 0 and (self.step % interval == 0 or last):
+            text = self.sampler(self.base, self.step, self.amp)  # every rank: FSDP2 gathers shards
+            self._record({"sample": text})
+            logger.info("sample at step %d: %s", self.step, text.replace("\n", " "))
+        if self.step % self.cfg.checkpointing.save_interval == 0 or last:
+            self.save()
+
+    def validate(self) -> dict[str, float]:
+        """Validation loss / perplexity over ``eval_steps`` batches per rank (all-reduced)."""
+        result = evaluate(self.model, self.val_data(), self.loss_fn, self.tcfg.eval_steps, self.device, self.amp)
+        self.last_val = result
+        best = self.ckpt.record_val_loss(self.step, result["val_loss"])
+        self._record({**result, "best": best})
+        logger.info("step %d | val loss %.4f | ppl %.2f%s", self.step, result["val_loss"], result["val_ppl"],
+                    " (best)" if best else "")
+        return result
+
+    def save(self) -> Optional[Path]:
+        """Write ``step_XXXXXXXX`` (every rank takes part; rank 0 writes)."""
+        path = save_training_checkpoint(self)
+        self._saved_step = self.step
+        if path is not None:
+            logger.info("saved %s", path)
+        return path
+
+    def _finish(self, final: bool) -> dict[str, Any]:
+        if self._saved_step != self.step:
+            self.save()
+        final_path = save_training_checkpoint(self, final=True) if final else None
+        if self.dist.is_main:
+            plot_run(self.run.root)
+            if final_path is not None:
+                logger.info("final weights: %s", final_path)
+        return {"step": self.step, "loss": self.losses[-1][1] if self.losses else None,
+                "val": self.last_val, "final_checkpoint": final_path}

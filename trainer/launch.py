@@ -1,0 +1,48 @@
+"""What every stage script does before and after its `Trainer`: join the process group, agree
+on the run name, create the run directory, set up logging and seeds, and leave cleanly.
+
+Under ``torchrun`` each rank loads the config itself, so a ``{timestamp}`` run name could
+differ by a second between ranks; rank 0's name is broadcast to all. A timestamped name is a
+new directory at every launch, so to resume a run with ``--resume auto`` set
+``logging.run_name`` to a fixed name (or pass ``--resume runs/<stage>/<run>``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+
+from trainer.distributed import DistInfo, barrier, broadcast_object, destroy_distributed, init_distributed
+from utils.config import ExperimentConfig
+from utils.device import describe, pick_dtype, seed_everything
+from utils.runs import RunDir, setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def launch(cfg: ExperimentConfig, stage: str) -> Iterator[tuple[DistInfo, RunDir]]:
+    """``with launch(cfg, "pretrain") as (dist, run): ...`` — see the module docstring.
+
+    Seeds every generator with ``training.seed`` (the same on all ranks, so every rank builds
+    identical initial weights, as FSDP2 requires).
+    """
+    dist = init_distributed(cfg.training.device)
+    cfg.logging.run_name = broadcast_object(cfg.logging.run_name)
+    run = RunDir(cfg.logging.runs_dir, stage, cfg.logging.run_name)
+    if dist.is_main:
+        run.create(cfg)
+    barrier()
+    setup_logging(run.log_path, dist.rank)
+    seed_everything(cfg.training.seed)
+    dtype = pick_dtype(cfg.training.dtype, dist.device)
+    logger.info("%s run %s | %s | world_size=%d", stage, run.root, describe(dist.device, dtype), dist.world_size)
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    yield dist, run
+    # only on success: after an exception the other ranks may be stuck in a collective, and
+    # the barrier in `destroy_distributed` would hang instead of letting torchrun stop them
+    destroy_distributed()

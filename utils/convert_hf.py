@@ -1,0 +1,109 @@
+"""Convert between Hugging Face model directories and this project's checkpoints.
+
+    python utils/convert_hf.py --hf_dir DIR --out CKPT_DIR         # Hugging Face -> checkpoint
+    python utils/convert_hf.py --checkpoint CKPT_DIR --to_hf DIR   # checkpoint -> Hugging Face
+
+Families: llama (2, 3), qwen2, qwen3, mistral, gemma2, gemma3 (text), deepseek_v3 (see
+`model/hf.py`). Tokenizer files present in the source directory are copied along. The
+special token ids of an imported config are kept in the checkpoint's meta.json and written
+back on export; a checkpoint trained here gets them from its own tokenizer.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pydantic import ValidationError  # noqa: E402
+
+from data_pipeline.formats import EOS_TOKEN, PAD_TOKEN  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.hf import HFFormatError, load_hf_dir, read_hf_config, save_hf_dir  # noqa: E402
+from utils.checkpoint import TOKENIZER_FILES, copy_tokenizer_files, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.errors import UserError, cli_main  # noqa: E402
+from utils.paths import resolve_path  # noqa: E402
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def hf_to_checkpoint(hf_dir: Path, out: Path) -> ModelConfig:
+    """Import a Hugging Face directory into a checkpoint directory at ``out``."""
+    if not hf_dir.is_dir():
+        raise UserError(f"--hf_dir {hf_dir} is not a directory")
+    try:
+        hf_config = read_hf_config(hf_dir)
+        cfg, state_dict = load_hf_dir(hf_dir)
+    except HFFormatError as e:
+        raise UserError(f"--hf_dir {hf_dir}: {e}") from None
+    has_tokenizer = any((hf_dir / name).is_file() for name in TOKENIZER_FILES)
+    meta = {
+        "source": "huggingface",
+        "hf_model_type": hf_config.get("model_type"),
+        "hf_token_ids": {k: hf_config[k] for k in TOKEN_ID_FIELDS if hf_config.get(k) is not None},
+    }
+    save_checkpoint(out, state_dict, cfg.model_dump(), tokenizer_dir=hf_dir if has_tokenizer else None, meta=meta)
+    return cfg
+
+
+def _tokenizer_token_ids(ckpt_dir: Path) -> dict[str, int]:
+    """eos/pad ids of the project's special tokens in the checkpoint's tokenizer.json, if any."""
+    path = ckpt_dir / "tokenizer.json"
+    if not path.is_file():
+        return {}
+    added = {t["content"]: t["id"] for t in json.loads(path.read_text()).get("added_tokens", [])}
+    ids = {}
+    if EOS_TOKEN in added:
+        ids["eos_token_id"] = ids["bos_token_id"] = added[EOS_TOKEN]
+    if PAD_TOKEN in added:
+        ids["pad_token_id"] = added[PAD_TOKEN]
+    return ids
+
+
+def checkpoint_to_hf(ckpt_dir: Path, out: Path) -> ModelConfig:
+    """Export a checkpoint directory as a Hugging Face directory at ``out``."""
+    ckpt = load_checkpoint(ckpt_dir)
+    if "model_type" in ckpt.model_config:
+        raise UserError(f"--checkpoint {ckpt_dir} is a Hugging Face directory; import it with --hf_dir")
+    try:
+        cfg = ModelConfig(**ckpt.model_config)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{ckpt_dir}/config.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    token_ids = ckpt.meta.get("hf_token_ids") or _tokenizer_token_ids(ckpt.path)
+    try:
+        save_hf_dir(cfg, ckpt.state_dict, out, extra_config=token_ids)
+    except HFFormatError as e:
+        raise UserError(f"--checkpoint {ckpt_dir}: {e}") from None
+    copy_tokenizer_files(ckpt.path, out)
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf_dir", help="Hugging Face model directory to import (config.json + *.safetensors)")
+    src.add_argument("--checkpoint", help="checkpoint directory to export")
+    parser.add_argument("--out", help="checkpoint directory to write (with --hf_dir)")
+    parser.add_argument("--to_hf", help="Hugging Face directory to write (with --checkpoint)")
+    args = parser.parse_args(argv)
+
+    if args.hf_dir is not None:
+        if args.out is None or args.to_hf is not None:
+            raise UserError("--hf_dir needs --out CKPT_DIR (and no --to_hf)")
+        source, target = resolve_path(args.hf_dir), resolve_path(args.out)
+        cfg = hf_to_checkpoint(source, target)
+    else:
+        if args.to_hf is None or args.out is not None:
+            raise UserError("--checkpoint needs --to_hf DIR (and no --out)")
+        source, target = resolve_path(args.checkpoint), resolve_path(args.to_hf)
+        cfg = checkpoint_to_hf(source, target)
+    print(f"{source} -> {target} ({cfg.family}, {cfg.n_layers} layers, dim {cfg.dim})")
+
+
+if __name__ == "__main__":
+    cli_main(main)
