@@ -89,10 +89,9 @@ def _convert_mla_rope(sd: StateDict, cfg: ModelConfig, inverse: bool) -> None:
     """In place on our names: q rows (per head: nope then rope) and kv_a_proj rows (latent then rope)."""
     q_groups, q_lead = cfg.n_heads, cfg.qk_nope_head_dim
     for name in list(sd):
-        leaf = name.rsplit(".", 2)
-        if len(leaf) < 3 or ".attn." not in name:
+        if ".attn." not in name:
             continue
-        module = leaf[-2]
+        module = name.split(".")[-2]  # layers.0.attn.q_b_proj.weight -> q_b_proj
         if module in ("q_proj", "q_b_proj"):
             sd[name] = _permute_rope_rows(sd[name], q_groups, q_lead, cfg.qk_rope_head_dim, inverse)
         elif module == "kv_a_proj":

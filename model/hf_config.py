@@ -69,13 +69,12 @@ _DEFAULTS["qwen3"] = {**_DEFAULTS["qwen2"], "head_dim": 128}
 _LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding", "attention": "full"}
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu_new")
 _ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
-# yarn / llama3 keys of RopeScaling written to config.json (linear and dynamic only need `factor`)
+# RopeScaling fields written to config.json per type (plus mscale_all_dim whenever it is set)
 _SCALING_KEYS = {
     "linear": ("factor",),
     "dynamic": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
-    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-             "attention_factor"),
+    "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "attention_factor"),
 }
 
 
@@ -109,25 +108,33 @@ def _scaling_from_hf(p: Optional[dict], max_pos: int, model_type: str) -> Option
         raise _unsupported(model_type, "partial_rotary_factor", p["partial_rotary_factor"], "1.0")
     if kind == "default":
         return None
-    # transformers fills a missing original length with max_position_embeddings (dynamic always uses it)
-    original = p.get("original_max_position_embeddings") if kind != "dynamic" else None
-    out: dict[str, Any] = {"type": kind, "original_max_position_embeddings": original or max_pos}
+    out: dict[str, Any] = {"type": kind}
+    # the pre-training length: None stands for max_position_embeddings in both implementations
+    # (transformers' dynamic scaling always uses max_position_embeddings)
+    if kind in ("yarn", "llama3"):
+        out["original_max_position_embeddings"] = p.get("original_max_position_embeddings")
     factor = p.get("factor")
     if factor is None and kind == "yarn":
-        factor = max_pos / out["original_max_position_embeddings"]
+        factor = max_pos / (out["original_max_position_embeddings"] or max_pos)
     if factor is None:
         raise HFFormatError(f"model_type {model_type!r}: rope scaling {kind!r} lacks 'factor'")
     out["factor"] = factor
     if kind == "llama3":
         out["low_freq_factor"] = p["low_freq_factor"]
         out["high_freq_factor"] = p["high_freq_factor"]
+    if p.get("mscale_all_dim"):  # also scales DeepSeek's MLA softmax, whatever the rope type
+        out["mscale_all_dim"] = p["mscale_all_dim"]
     if kind == "yarn":
         if p.get("truncate", True) is not True:
             raise _unsupported(model_type, "rope_scaling.truncate", p["truncate"], "true")
-        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
-            if p.get(key) is not None:  # transformers treats 0/None beta as the default (32, 1)
-                out[key] = p[key] if (p[key] or key not in ("beta_fast", "beta_slow")) else None
-        out = {k: v for k, v in out.items() if v is not None}
+        for key in ("mscale", "attention_factor"):
+            if p.get(key) is not None:
+                out[key] = p[key]
+        if p.get("mscale_all_dim") and p.get("mscale") is None:
+            out["mscale"] = 0.0  # transformers: without mscale, mscale_all_dim does not enter the ratio
+        for key in ("beta_fast", "beta_slow"):  # transformers reads 0 / None as the defaults 32 / 1
+            if p.get(key):
+                out[key] = p[key]
     return RopeScaling(**out)
 
 
@@ -139,6 +146,8 @@ def _scaling_to_hf(s: Optional[RopeScaling]) -> Optional[dict]:
         value = getattr(s, key)
         if value is not None:
             out[key] = value
+    if s.mscale_all_dim:
+        out["mscale_all_dim"] = s.mscale_all_dim
     return out
 
 
@@ -207,6 +216,9 @@ def config_from_hf(hf: dict[str, Any], with_mtp: bool = False) -> ModelConfig:
         raise _unsupported(model_type, "hidden_activation", act, ", ".join(_GELU_TANH))
     if not gemma and act != "silu":
         raise _unsupported(model_type, "hidden_act", act, "silu")
+    if hf.get("quantization_config"):
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise _unsupported(model_type, "quantization_config.quant_method", method, "none (dequantize first)")
     if hf.get("use_bidirectional_attention"):
         raise _unsupported(model_type, "use_bidirectional_attention", True, "false")
 

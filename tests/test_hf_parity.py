@@ -33,8 +33,11 @@ SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_
 def _config(family: str):
     """A tiny `transformers` config exercising the family's distinctive features."""
     t = transformers
-    if family == "llama2":
-        return t.LlamaConfig(**SMALL, rms_norm_eps=1e-5)
+    if family == "llama2":  # multi-head (no GQA), eps 1e-5, no scaling
+        return t.LlamaConfig(**{**SMALL, "num_key_value_heads": 4}, rms_norm_eps=1e-5)
+    if family == "llama_variants":  # biases, explicit head_dim, dynamic NTK active beyond 32 positions
+        return t.LlamaConfig(**{**SMALL, "max_position_embeddings": 32}, attention_bias=True, mlp_bias=True,
+                             head_dim=32, rope_scaling=dict(rope_type="dynamic", factor=2.0))
     if family == "llama3":
         scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                        original_max_position_embeddings=16)
@@ -61,6 +64,12 @@ def _config(family: str):
                                   num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.5,
                                   first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
                                   qk_nope_head_dim=16, v_head_dim=16, rope_scaling=yarn)
+    if family == "deepseek_v3_variants":  # plain q_proj, attention biases, one group, 2 shared experts
+        return t.DeepseekV3Config(**{**SMALL, "num_key_value_heads": 4}, moe_intermediate_size=32,
+                                  n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=2, n_group=1,
+                                  topk_group=1, norm_topk_prob=False, first_k_dense_replace=0, q_lora_rank=None,
+                                  attention_bias=True, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+                                  v_head_dim=24)
     raise KeyError(family)
 
 
@@ -96,8 +105,8 @@ def _close(ours: torch.Tensor, theirs: torch.Tensor) -> None:
     assert diff <= ATOL, f"max |logit diff| = {diff:.3g}"
 
 
-FAST = ["llama2", "llama3", "qwen2", "qwen3", "mistral", "gemma2"]
-SLOW = ["gemma3", "deepseek_v3"]
+FAST = ["llama2", "llama3", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "deepseek_v3"]
+SLOW = ["llama_variants", "deepseek_v3_variants"]
 
 
 @pytest.mark.parametrize(
@@ -119,6 +128,22 @@ def test_logits_match_transformers_both_ways(family: str, tmp_path: Path) -> Non
     cfg_back, sd_back = load_hf_dir(tmp_path / "export")
     assert cfg_back == cfg
     assert all(torch.equal(sd_back[k], v) for k, v in ours.state_dict().items())
+
+
+@pytest.mark.slow
+def test_family_presets_export_to_transformers(tmp_path: Path) -> None:
+    """Every family preset of `model.presets`, exported, gives the same logits in transformers."""
+    from model import get_preset, preset_names
+
+    tokens = torch.randint(0, 256, (2, SEQ_LEN), generator=torch.Generator().manual_seed(4))
+    for name in [n for n in preset_names() if n.startswith("tiny-")]:
+        cfg = get_preset(name, init_std=0.1)
+        torch.manual_seed(0)
+        ours = build_model(cfg).eval()
+        _randomise(ours, seed=5)
+        save_hf_dir(cfg, ours.state_dict(), tmp_path / name)
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name, attn_implementation="eager")
+        _close(_logits(ours, tokens), _logits(theirs.eval(), tokens))
 
 
 def test_deepseek_mtp_weights_round_trip(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece as spm
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
@@ -14,6 +15,7 @@ from data_pipeline.builtin import generate_stories
 from data_pipeline.formats import CHAT_TEMPLATE, EOS_TOKEN, SPECIAL_TOKENS
 from data_pipeline.tokenizer import load_tokenizer, tokenizer_hash
 from data_pipeline.tokenizer.io import write_hf_configs
+from data_pipeline.tokenizer.sentencepiece_backend import sentencepiece_to_hf, train_sentencepiece
 from data_pipeline.tokenizer.train_tokenizer import read_stories
 from utils.errors import UserError
 from utils.paths import REPO_ROOT
@@ -42,14 +44,22 @@ def write_corpus(data_dir: Path, stories: list[str]) -> Path:
     return raw
 
 
-@pytest.fixture(scope="module", params=["hf", "bpe", "sentencepiece"])
-def trained_dir(request, tmp_path_factory) -> tuple[str, Path, str]:
-    """Run the CLI once per backend on a tiny corpus; (backend, data_dir, its stdout)."""
-    data_dir = tmp_path_factory.mktemp(request.param)
-    write_corpus(data_dir, STORIES)
-    proc = run_script([SCRIPT, "--data_dir", str(data_dir), "--backend", request.param, "--vocab_size", "600"])
-    assert proc.returncode == 0, proc.stderr
-    return request.param, data_dir, proc.stdout
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict[str, tuple[Path, str]]:
+    """Run the CLI once per backend on a tiny corpus: backend → (data_dir, its stdout)."""
+    runs = {}
+    for backend in ("hf", "bpe", "sentencepiece"):
+        data_dir = tmp_path_factory.mktemp(backend)
+        write_corpus(data_dir, STORIES)
+        proc = run_script([SCRIPT, "--data_dir", str(data_dir), "--backend", backend, "--vocab_size", "600"])
+        assert proc.returncode == 0, proc.stderr
+        runs[backend] = data_dir, proc.stdout
+    return runs
+
+
+@pytest.fixture(params=["hf", "bpe", "sentencepiece"])
+def trained_dir(request, cli_runs) -> tuple[str, Path, str]:
+    return request.param, *cli_runs[request.param]
 
 
 def test_cli_writes_a_loadable_directory(trained_dir):
@@ -90,16 +100,20 @@ def test_autotokenizer_loads_dir_and_renders_chatml(trained_dir):
     assert hf.decode(ids) == text
 
 
-def test_hf_and_bpe_backends_agree(tmp_path):
+def test_hf_and_bpe_backends_agree(cli_runs):
     """The CLI's two byte-level backends write the same tokenizer (same hash)."""
-    hashes = []
-    for backend in ("hf", "bpe"):
-        data_dir = tmp_path / backend
-        write_corpus(data_dir, STORIES[:100])
-        proc = run_script([SCRIPT, "--data_dir", str(data_dir), "--backend", backend, "--vocab_size", "400"])
-        assert proc.returncode == 0, proc.stderr
-        hashes.append(tokenizer_hash(data_dir / "tokenizer"))
-    assert hashes[0] == hashes[1]
+    assert tokenizer_hash(cli_runs["hf"][0] / "tokenizer") == tokenizer_hash(cli_runs["bpe"][0] / "tokenizer")
+
+
+def test_sentencepiece_conversion_encodes_like_sentencepiece():
+    lines = [line for s in STORIES for line in s.split("\n") if line]
+    proto = train_sentencepiece(lines, 700, SPECIAL_TOKENS)
+    sp = spm.SentencePieceProcessor(model_proto=proto)
+    hf = sentencepiece_to_hf(proto, SPECIAL_TOKENS)
+    unseen = [line for s in generate_stories(100, seed=11) for line in s.split("\n")] + ["Zoë  ran\t😀!"]
+    for line in lines + unseen:
+        assert hf.encode(line).ids == sp.encode(line), line
+        assert hf.decode(hf.encode(line).ids) == line
 
 
 def test_read_stories_respects_the_limit(tmp_path):

@@ -18,7 +18,7 @@ from trainer.losses import (
     micro_batch_objective,
     mtp_loss_sum,
 )
-from trainer_fixtures import ListLoader, make_trainer, tiny_config
+from trainer_fixtures import ListLoader, make_trainer, tiny_config, one_thread  # noqa: F401 (autouse fixture)
 
 
 def test_cross_entropy_sum_by_hand() -> None:

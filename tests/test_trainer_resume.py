@@ -15,7 +15,7 @@ import torch
 
 import pretrain.train as pretrain
 from trainer.checkpointing import CheckpointManager, resolve_resume
-from trainer_fixtures import make_pretrain_data, tiny_config, tiny_config_dict
+from trainer_fixtures import make_pretrain_data, tiny_config, tiny_config_dict, one_thread  # noqa: F401 (autouse fixture)
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, step_dir
 from utils.errors import UserError
 from utils.paths import REPO_ROOT

@@ -10,7 +10,7 @@ import torch
 from model import build_model
 from trainer.losses import causal_lm_loss
 from trainer.spike_guard import SpikeGuard, spike_limit
-from trainer_fixtures import ListLoader, make_trainer, pattern_docs, tiny_config
+from trainer_fixtures import ListLoader, make_trainer, pattern_docs, tiny_config, one_thread  # noqa: F401 (autouse fixture)
 from utils.errors import UserError
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipeline.formats import SPECIAL_TOKENS, DataLayout, TokenBinWriter, token_dtype
@@ -17,6 +19,18 @@ from data_pipeline.tokenizer import tokenizer_hash
 from utils.config import ExperimentConfig, validate
 
 VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train several times faster on one thread, above all on a busy machine
+    (OpenMP threads of several processes spin against each other). Imported by the
+    test modules, where autouse applies it to every test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 N_SPECIAL = len(SPECIAL_TOKENS)  # ids 0..3: <|endoftext|>, <|pad|>, <|im_start|>, <|im_end|>
 
 
@@ -101,8 +115,6 @@ class ListLoader:
 
 def make_trainer(cfg: ExperimentConfig, model, train_data, root: Path, **kwargs):
     """A single-process CPU `Trainer` writing to ``root/runs``."""
-    import torch
-
     from trainer.distributed import DistInfo
     from trainer.engine import Trainer
     from trainer.losses import causal_lm_loss

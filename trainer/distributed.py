@@ -142,7 +142,7 @@ def wrap_model(model: nn.Module, dist_info: DistInfo, tcfg: TrainingConfig) -> n
 
     The model must already be on `dist_info.device` and identically initialised on every rank
     (same seed); DDP broadcasts rank 0's weights anyway. Build the optimizer after this call.
-    Buffers are not re-broadcast every forward (``broadcast_buffers=False``): the only trained
+    Buffers are synced at construction but not before every forward (``forward_sync_buffers=False``): the only trained
     buffer, the MoE balancing bias, is updated from all-reduced counts on every rank.
     """
     if tcfg.activation_checkpointing:
@@ -156,7 +156,7 @@ def wrap_model(model: nn.Module, dist_info: DistInfo, tcfg: TrainingConfig) -> n
         fully_shard(model, mesh=mesh)
         return model
     device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-    return DDP(model, device_ids=device_ids, broadcast_buffers=False)
+    return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -39,11 +39,6 @@ def article(phrase: str) -> str:
     return "an" if word[:1] in "aeiou" else "a"
 
 
-def with_article(phrase: str) -> str:
-    """'owl' -> 'an owl', 'red ball' -> 'a red ball'."""
-    return f"{article(phrase)} {phrase}"
-
-
 def capitalize(text: str) -> str:
     """Upper-case the first letter only ('the park' -> 'The park'; 'iPad' keeps the rest)."""
     return text[:1].upper() + text[1:]

@@ -1,4 +1,4 @@
-"""The vocabulary of the built-in corpus: names, animals, places, objects, feelings, weather.
+"""The vocabulary of the built-in corpus: names, animals, places, objects, weather, skills.
 
 Plain data, no logic. Every list is small enough to read, and together they give many
 thousands of distinct stories. Words are chosen from the simple vocabulary of children's
@@ -25,20 +25,14 @@ ANIMAL_NAMES = (
     "Rusty", "Dot", "Ollie", "Puff", "Snowy", "Bean", "Waddles", "Squeak", "Misty", "Bolt",
 )
 
-# (kind, plural, sound or None, how it moves)
+# (kind, plural)
 ANIMALS = (
-    ("cat", "cats", "meowed", "ran"), ("dog", "dogs", "barked", "ran"),
-    ("puppy", "puppies", "barked", "ran"), ("kitten", "kittens", "meowed", "ran"),
-    ("bunny", "bunnies", None, "hopped"), ("bear", "bears", "growled", "walked"),
-    ("fox", "foxes", None, "ran"), ("owl", "owls", "hooted", "flew"),
-    ("duck", "ducks", "quacked", "waddled"), ("mouse", "mice", "squeaked", "ran"),
-    ("frog", "frogs", "croaked", "hopped"), ("squirrel", "squirrels", None, "ran"),
-    ("turtle", "turtles", None, "walked"), ("elephant", "elephants", None, "walked"),
-    ("bird", "birds", "sang", "flew"), ("lion", "lions", "roared", "ran"),
-    ("pig", "pigs", "oinked", "ran"), ("lamb", "lambs", None, "ran"),
-    ("hedgehog", "hedgehogs", None, "walked"), ("ant", "ants", None, "walked"),
-    ("monkey", "monkeys", None, "climbed"), ("penguin", "penguins", None, "waddled"),
-    ("goat", "goats", None, "ran"), ("horse", "horses", None, "ran"),
+    ("cat", "cats"), ("dog", "dogs"), ("puppy", "puppies"), ("kitten", "kittens"),
+    ("bunny", "bunnies"), ("bear", "bears"), ("fox", "foxes"), ("owl", "owls"), ("duck", "ducks"),
+    ("mouse", "mice"), ("frog", "frogs"), ("squirrel", "squirrels"), ("turtle", "turtles"),
+    ("elephant", "elephants"), ("bird", "birds"), ("lion", "lions"), ("pig", "pigs"),
+    ("lamb", "lambs"), ("hedgehog", "hedgehogs"), ("ant", "ants"), ("monkey", "monkeys"),
+    ("penguin", "penguins"), ("goat", "goats"), ("horse", "horses"),
 )
 
 # Adjectives for a main character; "an" before vowel sounds is fixed by grammar.fix_articles.
@@ -75,17 +69,14 @@ PLACES = (
 
 COLORS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "white", "brown", "black", "gray")
 
-# Objects a character can own and lose; (noun, plural, can_fly_away, can_break)
+# Things a character can own and lose: (noun, can_blow_away, can_break)
 TOYS = (
-    ("ball", "balls", True, False), ("kite", "kites", True, True), ("doll", "dolls", False, True),
-    ("teddy bear", "teddy bears", False, False), ("toy car", "toy cars", False, True),
-    ("toy boat", "toy boats", False, True), ("drum", "drums", False, True),
-    ("hat", "hats", True, False), ("balloon", "balloons", True, False),
-    ("scarf", "scarves", True, False), ("umbrella", "umbrellas", True, True),
-    ("toy train", "toy trains", False, True), ("yo-yo", "yo-yos", False, True),
-    ("spinning top", "spinning tops", False, True), ("robot", "robots", False, True),
-    ("book", "books", False, False), ("paper plane", "paper planes", True, True),
-    ("music box", "music boxes", False, True), ("bucket", "buckets", False, True),
+    ("ball", True, False), ("kite", True, True), ("doll", False, True),
+    ("teddy bear", False, False), ("toy car", False, True), ("toy boat", False, True),
+    ("drum", False, True), ("hat", True, False), ("balloon", True, False), ("scarf", True, False),
+    ("umbrella", True, True), ("toy train", False, True), ("yo-yo", False, True),
+    ("spinning top", False, True), ("robot", False, True), ("book", False, False),
+    ("paper plane", True, True), ("music box", False, True), ("bucket", False, True),
 )
 
 # Things that can be counted (singular, plural) for story sums.
@@ -102,10 +93,6 @@ FOODS = (
     "cookie", "sandwich", "muffin", "cupcake", "banana", "pancake", "granola bar",
     "cheese sandwich", "chocolate bar", "pretzel", "rice cake", "apple pie",
 )
-
-# Feelings, used as "felt {feeling}".
-GOOD_FEELINGS = ("happy", "glad", "proud", "excited", "calm", "thankful", "cheerful", "warm inside")
-BAD_FEELINGS = ("sad", "scared", "worried", "upset", "lonely", "angry", "grumpy", "nervous")
 
 # (weather, sentence describing it); plots may require wind, sun or rain.
 WEATHER = {

@@ -121,7 +121,7 @@ def _pick_place(rng: random.Random, plot: Plot) -> tuple:
 
 def _pick_toy(rng: random.Random, plot: Plot) -> tuple:
     toys = [t for t in lx.TOYS
-            if plot.toy == "any" or (plot.toy == "fly" and t[2]) or (plot.toy == "break" and t[3])]
+            if plot.toy == "any" or (plot.toy == "fly" and t[1]) or (plot.toy == "break" and t[2])]
     return rng.choice(toys)
 
 

@@ -85,6 +85,8 @@ def find_near_duplicates(docs: list[str], threshold: float = 0.8, num_perm: int 
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must be in (0, 1), got {threshold}")
     bands, rows = optimal_bands_rows(threshold, num_perm)
+    if not docs:
+        return NearDuplicates([], np.zeros((0, 2), dtype=np.int64), np.zeros(0), bands, rows)
     sig = minhash_signatures(docs, num_perm=num_perm, ngram=ngram, seed=seed)   # (N, P)
     # Identical signatures (e.g. repeated documents) are one LSH entry, so a document repeated
     # many times does not make a quadratic number of candidate pairs.

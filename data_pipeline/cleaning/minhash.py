@@ -83,7 +83,7 @@ def shingle_hashes(docs: list[str], ngram: int = 5) -> tuple[np.ndarray, np.ndar
     ends = np.cumsum(lengths)
     begins = ends - lengths
     n_shingles = np.maximum(lengths - ngram + 1, 1)                      # (N,)
-    starts = np.concatenate([[0], np.cumsum(n_shingles)[:-1]]).astype(np.int64)
+    starts = np.cumsum(n_shingles) - n_shingles                         # (N,) first shingle of each doc
     # position of every shingle's first word in the flat word array
     pos = np.repeat(begins, n_shingles) + (np.arange(n_shingles.sum()) - np.repeat(starts, n_shingles))
     width = np.repeat(np.minimum(lengths, ngram), n_shingles)           # words in each shingle
@@ -123,7 +123,7 @@ def minhash_signatures(docs: list[str], num_perm: int = 128, ngram: int = 5, see
     return sig
 
 
-def s_curve(s: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def s_curve(s: np.ndarray, bands: int | np.ndarray, rows: int | np.ndarray) -> np.ndarray:
     """Probability that two documents of similarity s share at least one LSH band."""
     return 1.0 - (1.0 - s ** rows) ** bands
 
@@ -137,12 +137,12 @@ def _simpson(y: np.ndarray, x: np.ndarray) -> np.ndarray:
 def lsh_error_areas(threshold: float, bands: np.ndarray, rows: np.ndarray,
                     points: int = 1001) -> tuple[np.ndarray, np.ndarray]:
     """(false-positive area ∫_0^t P, false-negative area ∫_t^1 (1 - P)) for each (bands, rows)."""
-    b = np.asarray(bands, dtype=np.float64)[..., None]
+    b = np.asarray(bands, dtype=np.float64)[..., None]                  # (K, 1)
     r = np.asarray(rows, dtype=np.float64)[..., None]
-    lo = np.linspace(0.0, threshold, points)
+    lo = np.linspace(0.0, threshold, points)                           # (points,)
     hi = np.linspace(threshold, 1.0, points)
-    fp = _simpson(1.0 - (1.0 - lo ** r) ** b, lo)
-    fn = _simpson((1.0 - hi ** r) ** b, hi)
+    fp = _simpson(s_curve(lo, b, r), lo)                               # (K,)
+    fn = _simpson(1.0 - s_curve(hi, b, r), hi)
     return fp, fn
 
 

@@ -24,6 +24,7 @@ from typing import Any, Optional
 from data_pipeline.builtin import generate_verifiable_prompts
 from data_pipeline.download.sources import (
     add_source_args,
+    check_source_args,
     created_now,
     fallback,
     field,
@@ -91,10 +92,7 @@ def main(argv=None) -> None:
         raise UserError(f"--max_prompts must be >= 1, got {args.max_prompts}")
     if args.builtin_prompts < 0:
         raise UserError(f"--builtin_prompts must be >= 0, got {args.builtin_prompts}")
-    if args.source == "local" and not args.input:
-        raise UserError("--source local needs --input FILE (GSM8K JSON Lines: question, answer)")
-    if args.input and args.source != "local":
-        raise UserError(f"--input is only used with --source local (got --source {args.source})")
+    check_source_args(args, "GSM8K JSON Lines: question, answer")
     out_dir = resolve_path(args.data_dir) / "prompts"
     t0 = time.perf_counter()
     source, reason, info = args.source, None, {}

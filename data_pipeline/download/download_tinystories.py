@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from data_pipeline.builtin import generate_stories
+from tqdm import tqdm
+
+from data_pipeline.builtin import generate_story
 from data_pipeline.cleaning.documents import read_documents, split_documents, write_documents
 from data_pipeline.download.sources import (
     add_source_args,
+    check_source_args,
     created_now,
     fallback,
     field,
@@ -67,17 +70,16 @@ def local_stories(path: Path, text_field: str) -> list[str]:
 
 
 def builtin_stories(split: str, n: int, seed: int) -> list[str]:
-    return generate_stories(n, seed, start=0 if split == "train" else VALIDATION_START)
+    start = 0 if split == "train" else VALIDATION_START
+    return [generate_story(seed, start + i).text
+            for i in tqdm(range(n), desc="built-in stories", unit=" stories", disable=None, leave=False)]
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.max_stories is not None and args.max_stories < 1:
         raise UserError(f"--max_stories must be >= 1, got {args.max_stories}")
-    if args.source == "local" and not args.input:
-        raise UserError("--source local needs --input FILE (stories separated by <|endoftext|> lines, or JSONL)")
-    if args.input and args.source != "local":
-        raise UserError(f"--input is only used with --source local (got --source {args.source})")
+    check_source_args(args, "stories separated by <|endoftext|> lines, or JSONL")
     layout = DataLayout(resolve_path(args.data_dir))
     t0 = time.perf_counter()
     source, reason = args.source, None

@@ -40,6 +40,16 @@ def add_source_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--timeout", type=float, default=HUB_TIMEOUT_S, help="seconds to wait for the hub")
 
 
+def check_source_args(args: argparse.Namespace, input_format: str) -> None:
+    """UserError for option combinations that cannot work."""
+    if args.source == "local" and not args.input:
+        raise UserError(f"--source local needs --input FILE ({input_format})")
+    if args.input and args.source != "local":
+        raise UserError(f"--input is only used with --source local (got --source {args.source})")
+    if args.timeout <= 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {args.timeout}")
+
+
 def offline_reason() -> Optional[str]:
     """Why the hub must not be contacted (an offline variable is set), or None."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):

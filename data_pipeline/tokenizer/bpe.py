@@ -48,7 +48,9 @@ from typing import Iterable, Mapping, Sequence
 import regex
 from tqdm import tqdm
 
-from data_pipeline.tokenizer.byte_level import BYTE_TO_CHAR, CHAR_TO_BYTE, WORD_RE, count_words
+from data_pipeline.tokenizer.byte_level import (
+    BYTE_TO_CHAR, CHAR_TO_BYTE, count_words, from_byte_level, split_words, to_byte_level,
+)
 
 _MAX_CACHE = 200_000  # encode() memoizes words; the cache is cleared when it grows past this
 
@@ -62,7 +64,7 @@ def train_bpe(
     show_progress: bool = False,
 ) -> "BPETokenizer":
     """Learn a byte-level BPE from `texts` (each text pre-tokenized on its own)."""
-    word_counts = count_words(texts, num_workers=num_workers)
+    word_counts = count_words(texts, num_workers=num_workers, show_progress=show_progress)
     return train_bpe_from_counts(word_counts, vocab_size, special_tokens, min_frequency, show_progress)
 
 
@@ -88,9 +90,8 @@ def train_bpe_from_counts(
             token_id[tok] = len(tokens)
             tokens.append(tok)
 
-    # Latin-1 char of a byte → char of that byte's token id.
-    byte_to_id_char = {b: chr(token_id[c]) for b, c in BYTE_TO_CHAR.items()}
-    words = [w.encode("utf-8").decode("latin-1").translate(byte_to_id_char) for w in word_counts]
+    to_id_chars = {ord(c): chr(token_id[c]) for c in BYTE_TO_CHAR.values()}  # byte char → its id's char
+    words = [to_byte_level(w).translate(to_id_chars) for w in word_counts]
     freqs = list(word_counts.values())
 
     counts: defaultdict[str, int] = defaultdict(int)  # pair → weighted count
@@ -185,7 +186,7 @@ class BPETokenizer:
             if tok not in self.special_tokens:
                 if not all(c in CHAR_TO_BYTE for c in tok):
                     raise ValueError(f"vocab token {tok!r} is neither byte-level nor a special token")
-                self._id_bytes[i] = bytes(CHAR_TO_BYTE[c] for c in tok)
+                self._id_bytes[i] = from_byte_level(tok)
         for tok, i in self.special_tokens.items():
             self._id_to_token[i] = tok
             self._id_bytes[i] = tok.encode("utf-8")
@@ -229,7 +230,7 @@ class BPETokenizer:
         """Text → token ids, treating special-token text as plain text."""
         ids: list[int] = []
         cache = self._cache
-        for word in WORD_RE.findall(text):
+        for word in split_words(text):
             word_ids = cache.get(word)
             if word_ids is None:
                 if len(cache) >= _MAX_CACHE:

@@ -12,11 +12,13 @@ points assigned after Unicode 14 may be split differently (they still round-trip
 """
 from __future__ import annotations
 
+import multiprocessing
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable
 
 import regex
+from tqdm import tqdm
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 WORD_RE = regex.compile(GPT2_PATTERN)
@@ -41,13 +43,12 @@ def bytes_to_unicode() -> dict[int, str]:
 
 BYTE_TO_CHAR: dict[int, str] = bytes_to_unicode()
 CHAR_TO_BYTE: dict[str, int] = {c: b for b, c in BYTE_TO_CHAR.items()}
-# str.translate table: a Latin-1 decoded byte string → its byte-level characters.
-_LATIN1_TO_BYTE_LEVEL = {b: c for b, c in BYTE_TO_CHAR.items()}
 
 
 def to_byte_level(text: str) -> str:
     """``"hi there"`` → ``"hiĠthere"``: the UTF-8 bytes of `text` as byte-level characters."""
-    return text.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_BYTE_LEVEL)
+    # Latin-1 turns each byte into the character with that code, which translate() maps.
+    return text.encode("utf-8").decode("latin-1").translate(BYTE_TO_CHAR)
 
 
 def from_byte_level(chars: str) -> bytes:
@@ -60,27 +61,30 @@ def split_words(text: str) -> list[str]:
     return WORD_RE.findall(text)
 
 
-def _count_chunk(texts: list[str]) -> Counter[str]:
+def _count_chunk(texts: Iterable[str]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for text in texts:
         counts.update(WORD_RE.findall(text))
     return counts
 
 
-def count_words(texts: Iterable[str], num_workers: int = 1) -> Counter[str]:
+def count_words(texts: Iterable[str], num_workers: int = 1, show_progress: bool = False) -> Counter[str]:
     """How often each pre-token occurs over all `texts` (each text is split on its own).
 
     Keys are the raw words (not byte-mapped): only the few distinct words need mapping
-    later. With ``num_workers > 1`` the texts are cut into that many shards, counted in
-    worker processes and the counts added.
+    later. With ``num_workers > 1`` the texts are cut into shards that worker processes
+    count (started with "spawn": safe in a process that already runs threads, but about a
+    second to start, so worth it only for corpora of several MB); the counts are added here.
     """
     texts = list(texts)
     if num_workers <= 1 or len(texts) < 2 * num_workers:
-        return _count_chunk(texts)
-    shard = -(-len(texts) // num_workers)
-    chunks = [texts[i : i + shard] for i in range(0, len(texts), shard)]
+        return _count_chunk(tqdm(texts, desc="counting words", unit="text", disable=not show_progress))
+    n_shards = 8 * num_workers  # several shards per worker: even load, a moving progress bar
+    size = -(-len(texts) // n_shards)
+    shards = [texts[i : i + size] for i in range(0, len(texts), size)]
     total: Counter[str] = Counter()
-    with ProcessPoolExecutor(max_workers=num_workers) as pool:
-        for counts in pool.map(_count_chunk, chunks):
+    with ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for counts in tqdm(pool.map(_count_chunk, shards), total=len(shards), desc="counting words",
+                           unit="shard", disable=not show_progress):
             total.update(counts)
     return total

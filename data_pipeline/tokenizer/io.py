@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from tokenizers import Tokenizer
 
-from data_pipeline.formats import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN, SPECIAL_TOKENS
+from data_pipeline.formats import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 from utils.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,14 +46,6 @@ class LoadedTokenizer(NamedTuple):
     @property
     def pad_id(self) -> int:
         return self.special_ids[PAD_TOKEN]
-
-    @property
-    def im_start_id(self) -> int:
-        return self.special_ids[IM_START]
-
-    @property
-    def im_end_id(self) -> int:
-        return self.special_ids[IM_END]
 
 
 def _tokenizer_file(path: str | os.PathLike) -> Path:

@@ -10,8 +10,8 @@ the vocabulary the way HF's `SpmConverter` does it (every split ``left + right``
 into two pieces, ranked by the piece's id, then by the ids of left and right). The result
 is a `tokenizers` BPE with byte_fallback, a Metaspace pre-tokenizer (split before each
 ``▁``, no prefix space) and a decoder that maps ``▁`` back to spaces and fuses bytes.
-The original model is kept beside it as ``tokenizer.model``. On the TinyStories text the
-converted tokenizer encodes every line exactly as sentencepiece does; as in sentencepiece,
+The original model is kept beside it as ``tokenizer.model``. On TinyStories text the
+converted tokenizer encodes every line exactly as sentencepiece does (tested); as in sentencepiece,
 a literal ``▁`` in the input decodes as a space.
 """
 from __future__ import annotations

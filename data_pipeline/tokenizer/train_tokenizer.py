@@ -34,7 +34,9 @@ from utils.paths import resolve_path
 
 BACKENDS = ("hf", "bpe", "sentencepiece")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
+MAX_VOCAB = 1 << 20
 BYTES_PER_MB = 1_000_000
+PARALLEL_MIN_CHARS = 20_000_000  # bpe backend: below this, worker start-up costs more than it saves
 
 
 def read_stories(path: Path, limit_bytes: int) -> tuple[list[str], int]:
@@ -66,9 +68,10 @@ def train_hf(stories: list[str], vocab_size: int) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=0, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,  # its bars print to stdout
     )
-    tok.train_from_iterator(stories, trainer, length=len(stories))
+    # The trainer pulls stories as it pre-tokenizes them, the bulk of its work: that is the bar.
+    tok.train_from_iterator(tqdm(stories, desc="hf bpe: reading stories", unit="story"), trainer, length=len(stories))
     return tok
 
 
@@ -80,7 +83,8 @@ def train_to_dir(backend: str, stories: list[str], vocab_size: int, out_dir: Pat
     if backend == "hf":
         train_hf(stories, vocab_size).save(str(tmp))
     elif backend == "bpe":
-        train_bpe(stories, vocab_size, SPECIAL_TOKENS, num_workers=min(2, os.cpu_count() or 1),
+        workers = min(4, os.cpu_count() or 1) if sum(map(len, stories)) >= PARALLEL_MIN_CHARS else 1
+        train_bpe(stories, vocab_size, SPECIAL_TOKENS, num_workers=workers,
                   show_progress=True).save(tmp)
     else:
         # imported here: only this backend needs sentencepiece
@@ -88,7 +92,8 @@ def train_to_dir(backend: str, stories: list[str], vocab_size: int, out_dir: Pat
 
         lines = [line for s in stories for line in s.split("\n") if line.strip()]
         try:
-            proto = train_sentencepiece(lines, vocab_size, SPECIAL_TOKENS)
+            proto = train_sentencepiece(tqdm(lines, desc="sentencepiece: reading lines", unit="line"),
+                                        vocab_size, SPECIAL_TOKENS)
         except RuntimeError as e:
             raise UserError(f"sentencepiece could not train with --vocab_size {vocab_size}: {e}") from None
         sentencepiece_to_hf(proto, SPECIAL_TOKENS).save(str(tmp))
@@ -121,8 +126,12 @@ def main() -> None:
     if args.vocab_size < MIN_VOCAB:
         raise UserError(f"--vocab_size {args.vocab_size} is too small: need at least {MIN_VOCAB} "
                         f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+    if args.vocab_size > MAX_VOCAB:
+        raise UserError(f"--vocab_size {args.vocab_size} is too large: at most {MAX_VOCAB}")
     if args.data_limit_mb <= 0:
         raise UserError(f"--data_limit_mb must be > 0, got {args.data_limit_mb}")
+    if args.model_max_length < 1:
+        raise UserError(f"--model_max_length must be >= 1, got {args.model_max_length}")
     data_dir = resolve_path(args.data_dir)
     if args.input is not None:
         source = resolve_path(args.input)
@@ -139,6 +148,7 @@ def main() -> None:
         raise UserError(f"{source} holds no text to train on")
     out_dir = data_dir / "tokenizer"
     train_to_dir(args.backend, stories, args.vocab_size, out_dir)
+    train_seconds = time.perf_counter() - t0
     write_hf_configs(out_dir, args.model_max_length)
     loaded = load_tokenizer(out_dir)
     n_tokens = count_tokens(loaded.tokenizer, stories)
@@ -154,7 +164,8 @@ def main() -> None:
         "bytes_used": bytes_used,
         "stories": len(stories),
         "tokens": n_tokens,
-        "seconds": round(seconds, 3),
+        "train_seconds": round(train_seconds, 3),
+        "seconds": round(seconds, 3),  # reading + training + counting tokens
         "tokenizer_hash": tokenizer_hash(out_dir),
     })
     print(f"tokenizer ({args.backend}, vocab {vocab}): {len(stories)} stories, {n_tokens} tokens, "

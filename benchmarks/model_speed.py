@@ -1,0 +1,178 @@
+"""Training-step speed of our Llama-style model vs `transformers.LlamaForCausalLM`, side by side.
+
+Both models hold the same weights (a random Hugging Face Llama imported through
+`model/hf.py`), see the same batch, run on the same threads and time the same step:
+forward, cross-entropy on the logits, backward. Measurements are interleaved (one step of
+each model in turn, repeated) so background load hits all of them alike; the median is
+reported. ``torch.compile`` of our model is timed too (skipped with a warning where it fails).
+A large fp32 matmul timed in the same run gives the machine's attainable FLOP/s, and each
+model's achieved fraction of it uses `model.flops_per_token` (6 N + attention).
+
+    python benchmarks/model_speed.py                 # configs A and B, eager + compiled
+    python benchmarks/model_speed.py --configs A --compile off --iters 3
+
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model import build_model, flops_per_token  # noqa: E402
+from model.hf import load_hf_dir  # noqa: E402
+
+# name: (vocab, dim, layers, heads, kv heads, ffn hidden, seq len, batch)
+CONFIGS = {
+    "A": (4096, 256, 4, 8, 4, 688, 256, 8),
+    "B": (8192, 512, 8, 8, 8, 1376, 512, 4),
+}
+
+
+def matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    """Attainable fp32 FLOP/s: the best of ``reps`` timings of an (n, n) @ (n, n) matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def hf_and_ours(name: str, tmp: Path):
+    """A random transformers Llama (sdpa attention) and our model with the same weights."""
+    import transformers
+
+    vocab, dim, layers, heads, kv_heads, ffn, seq_len, _ = CONFIGS[name]
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=seq_len,
+        rms_norm_eps=1e-5, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+    hf.save_pretrained(tmp / name)
+    cfg, state_dict = load_hf_dir(tmp / name)
+    ours = build_model(cfg)
+    ours.load_state_dict(state_dict, strict=True)
+    return hf.train(), ours.train(), cfg
+
+
+def train_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, hf: bool) -> None:
+    """Forward, token cross-entropy, backward; gradients freed afterwards."""
+    logits = model(tokens).logits if hf else model(tokens)  # (B, T, V)
+    loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+    loss.backward()
+    for p in model.parameters():
+        p.grad = None
+
+
+def measure(steps: dict[str, Callable[[], None]], warmup: int, iters: int) -> dict[str, list[float]]:
+    """Interleaved timings (seconds) of each step function: warm-up rounds, then ``iters`` rounds."""
+    for _ in range(warmup):
+        for fn in steps.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(iters):
+        for key, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return times
+
+
+def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: int, peak: float) -> dict:
+    hf, ours, cfg = hf_and_ours(name, tmp)
+    vocab, *_, seq_len, batch = CONFIGS[name]
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    targets = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    steps: dict[str, Callable[[], None]] = {}
+    if compile_mode in ("off", "both"):
+        steps["ours"] = lambda: train_step(ours, tokens, targets, hf=False)
+    steps["hf_sdpa"] = lambda: train_step(hf, tokens, targets, hf=True)
+    compile_error = None
+    if compile_mode in ("on", "both"):
+        compiled = torch.compile(ours)
+        try:
+            t0 = time.perf_counter()
+            train_step(compiled, tokens, targets, hf=False)  # compiles
+            compile_s = time.perf_counter() - t0
+            steps["ours_compiled"] = lambda: train_step(compiled, tokens, targets, hf=False)
+        except Exception as e:  # compile support varies by platform: report it, keep the eager numbers
+            compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            warnings.warn(f"torch.compile failed for config {name}, skipping the compiled run: {compile_error}")
+    times = measure(steps, warmup, iters)
+
+    tokens_per_step = batch * seq_len
+    fpt = flops_per_token(cfg, seq_len)
+    result: dict = {
+        "shape": dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "seq_len", "batch"), CONFIGS[name])),
+        "flops_per_token": fpt,
+    }
+    for key, ts in times.items():
+        median = statistics.median(ts)
+        tps = tokens_per_step / median
+        result[key] = {
+            "step_s_median": round(median, 4),
+            "step_s_all": [round(t, 4) for t in ts],
+            "tokens_per_s": round(tps, 1),
+            "flops_fraction_of_matmul": round(tps * fpt / peak, 3),
+        }
+    hf_tps = result["hf_sdpa"]["tokens_per_s"]
+    for key in ("ours", "ours_compiled"):
+        if key in result:
+            result[f"ratio_{key}_vs_hf"] = round(result[key]["tokens_per_s"] / hf_tps, 3)
+    if "ours_compiled" in result:
+        result["compile_s"] = round(compile_s, 1)
+    if compile_error:
+        result["compile_error"] = compile_error
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="forward+backward tokens/s: ours vs transformers Llama")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
+                        help="time our model eager (off), compiled (on) or both")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    peak = matmul_flops()
+    report: dict = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "device": "cpu",
+        "matmul_gflops": round(peak / 1e9, 1),
+        "configs": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            report["configs"][name] = bench_config(name, Path(tmp), args.compile, args.warmup, args.iters, peak)
+    report["matmul_gflops_end"] = round(matmul_flops() / 1e9, 1)  # load drift during the run
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Pretraining step speed of our Llama-style model vs Hugging Face `LlamaForCausalLM`.
+
+One step = forward + cross-entropy + backward + AdamW step, on the same config, the same
+weights (copied through `model.hf.state_dict_to_hf`), the same random batch and the same
+optimizer (`trainer.optim.build_optimizer`, AdamW: fused on CUDA, foreach elsewhere).
+Hugging Face runs with ``attn_implementation="sdpa"``. Both run eager and under
+`torch.compile` (which falls back to eager with a warning where it fails).
+
+MFU = achieved model FLOPs / peak, with the model FLOPs from `model.flops_per_token`
+(6 N + attention, Kaplan et al. 2020 / PaLM appendix B) and the peak measured in this run as
+a large matmul in the compute dtype (fp32 on CPU), so the figure is honest on any machine.
+
+Configs (the `bench-A` / `bench-B` presets):
+    A: vocab 4096, dim 256, 4 layers, 8 heads, 4 kv heads, ffn 688, seq 256, batch 8
+    B: vocab 8192, dim 512, 8 layers, 8 heads, 8 kv heads, ffn 1376, seq 512, batch 4
+
+    python benchmarks/train_speed.py [--quick] [--configs A,B] [--modes eager,compiled]
+        [--device auto|cpu|cuda|mps] [--out results.json]
+
+Prints one JSON object; ``ratio`` is ours / Hugging Face tokens per second (> 1: we are faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import build_model, flops_per_token, get_preset
+from model.config import ModelConfig
+from model.hf import config_to_hf, state_dict_to_hf
+from trainer.optim import build_optimizer
+from utils.config import TrainingConfig
+from utils.device import autocast_context, pick_device, pick_dtype
+from utils.errors import UserError, cli_main
+
+CONFIGS = {"A": ("bench-A", 256, 8), "B": ("bench-B", 512, 4)}  # preset, seq_len, batch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, iters: int) -> float:
+    """FLOP/s of an n × n matmul in `dtype`: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync(device)
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+def hf_twin(cfg: ModelConfig, ours: nn.Module, device: torch.device) -> nn.Module:
+    """`LlamaForCausalLM` (sdpa attention) holding exactly our weights."""
+    import transformers
+
+    hf_cfg = transformers.LlamaConfig(**config_to_hf(cfg))
+    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
+    missing, unexpected = ref.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg), strict=False)
+    if unexpected or any("rotary" not in k for k in missing):
+        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    return ref
+
+
+def make_step(model: nn.Module, forward: Callable, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor):
+    """A closure running one training step; returns the loss (a tensor)."""
+    opt = build_optimizer(model, TrainingConfig(optimizer="adamw", learning_rate=1e-4, weight_decay=0.1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> torch.Tensor:
+        with autocast_context(device, dtype):
+            logits = forward(inputs)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def time_interleaved(steps: dict[str, Callable], device: torch.device, warmup: int, iters: int) -> dict[str, float]:
+    """Median seconds per step of each closure. The closures take turns step by step, so a
+    noisy (shared) machine slows them alike instead of biasing the ratio."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(iters):
+        for label, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times[label].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def bench_config(name: str, modes: list[str], device: torch.device, dtype: torch.dtype, peak: float,
+                 warmup: int, iters: int) -> dict:
+    preset, seq_len, batch = CONFIGS[name]
+    cfg = get_preset(preset)
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=gen).to(device)
+    tokens_per_step = batch * seq_len
+    model_flops = flops_per_token(cfg, seq_len) * tokens_per_step
+    out: dict = {"preset": preset, "seq_len": seq_len, "batch": batch, "tokens_per_step": tokens_per_step,
+                 "model_tflops_per_step": model_flops / 1e12}
+
+    torch.manual_seed(0)
+    ours = build_model(cfg, device)
+    ref = hf_twin(cfg, ours, device)
+    with torch.no_grad(), autocast_context(device, dtype):
+        probe = tokens[:2, :-1]
+        out["initial_logits_max_abs_diff"] = (ours(probe).float() - ref(probe).logits.float()).abs().max().item()
+
+    for mode in modes:
+        steps = {}
+        for label in ("ours", "hf"):
+            if label == "ours":  # fresh copies with the initial weights for every mode
+                fresh = build_model(cfg, device)
+                fresh.load_state_dict(ours.state_dict())
+            else:
+                fresh = hf_twin(cfg, ours, device)
+            runner = torch.compile(fresh) if mode == "compiled" else fresh
+            forward = runner if label == "ours" else (lambda x, m=runner: m(x).logits)
+            steps[label] = make_step(fresh, forward, device, dtype, tokens)
+        try:
+            secs = time_interleaved(steps, device, warmup, iters)
+        except Exception as e:  # compile needs a working backend (C++ compiler, triton, ...)
+            if mode != "compiled":
+                raise
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); no compiled numbers")
+            out[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            continue
+        row: dict = {label: {"step_ms": 1e3 * sec, "tokens_per_s": tokens_per_step / sec, "mfu": model_flops / sec / peak}
+                     for label, sec in secs.items()}
+        row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+        out[mode] = row
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Training-step speed: ours vs transformers LlamaForCausalLM.")
+    p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
+    p.add_argument("--configs", default="A,B", help="comma-separated subset of A,B")
+    p.add_argument("--modes", default="eager,compiled", help="comma-separated subset of eager,compiled")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args()
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if bad := [c for c in configs if c not in CONFIGS]:
+        raise UserError(f"unknown config(s) {bad} (allowed: A, B)")
+    if bad := [m for m in modes if m not in ("eager", "compiled")]:
+        raise UserError(f"unknown mode(s) {bad} (allowed: eager, compiled)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    warmup, iters = (1, 3) if args.quick else (3, 10)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    big = 4096 if device.type == "cuda" else 1024
+    peak = peak_matmul_flops(device, dtype, big, 20 if device.type == "cuda" else 5)
+    result = {
+        "benchmark": "train_speed", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick,
+        "peak_matmul": {"n": big, "tflops": peak / 1e12},
+        "configs": {c: bench_config(c, modes, device, dtype, peak, warmup, iters) for c in configs},
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    cli_main(main)
