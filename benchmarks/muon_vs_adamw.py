@@ -15,7 +15,7 @@ steps to reach it are read off its validation curve (linear interpolation betwee
 evaluations). ``ratio`` = AdamW steps / Muon steps (modded-nanogpt reports ≈ 1.35 for GPT-2
 small speedruns; a tiny model on a CPU budget is a much rougher measurement).
 
-    python benchmarks/muon_vs_adamw.py [--quick] [--steps 300] [--device auto] [--out results.json]
+    python benchmarks/muon_vs_adamw.py [--quick] [--steps 250] [--threads N] [--device auto] [--out results.json]
 
 Prints one JSON object. Needs the shared data (env LLM_DATA_DIR or ../shared/data).
 """
@@ -140,11 +140,12 @@ def sweep(name: str, lrs: list[float], make_tcfg, cfg, init, batches, val, eval_
 def main() -> None:
     p = argparse.ArgumentParser(description="Steps for Muon vs AdamW to reach the same validation loss.")
     p.add_argument("--quick", action="store_true", help="a short smoke run")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300, quick 30)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 250, quick 30)")
     p.add_argument("--adamw_lrs", default="1e-3,3e-3,1e-2")
     p.add_argument("--muon_lrs", default="0.01,0.02,0.05")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     try:
@@ -152,10 +153,12 @@ def main() -> None:
         muon_lrs = [float(x) for x in args.muon_lrs.split(",")]
     except ValueError:
         raise UserError("--adamw_lrs / --muon_lrs must be comma-separated numbers") from None
-    steps = args.steps or (30 if args.quick else 300)
+    steps = args.steps or (30 if args.quick else 250)
     if steps < 2:
         raise UserError(f"--steps must be >= 2, got {steps}")
     eval_every = 10 if args.quick else 20
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     dtype = pick_dtype("auto", device)
     seq_len, batch_size, vocab = 128, 8, 2048
@@ -165,7 +168,8 @@ def main() -> None:
     train_text, val_text = read_data()
     train_ids, val_ids = tokenize(train_text, val_text, vocab)
     gen = torch.Generator().manual_seed(args.seed)
-    batches = [batch_at(train_ids, torch.randint(0, len(train_ids) - seq_len - 1, (batch_size,), generator=gen), seq_len)
+    last_start = len(train_ids) - seq_len - 1
+    batches = [batch_at(train_ids, torch.randint(0, last_start, (batch_size,), generator=gen), seq_len)
                for _ in range(steps)]
     n_val = 16 if args.quick else 64
     val_starts = torch.arange(n_val) * ((len(val_ids) - seq_len - 1) // n_val)

@@ -147,8 +147,10 @@ def bench_config(name: str, modes: list[str], device: torch.device, dtype: torch
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {e}); no compiled numbers")
             out[mode] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
             continue
-        row: dict = {label: {"step_ms": 1e3 * sec, "tokens_per_s": tokens_per_step / sec, "mfu": model_flops / sec / peak}
-                     for label, sec in secs.items()}
+        row: dict = {
+            label: {"step_ms": 1e3 * sec, "tokens_per_s": tokens_per_step / sec, "mfu": model_flops / sec / peak}
+            for label, sec in secs.items()
+        }
         row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
         out[mode] = row
     return out

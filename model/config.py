@@ -176,6 +176,8 @@ class ModelConfig(_Strict):
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries, n_layers={self.n_layers}")
             if "sliding" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types contains 'sliding' but sliding_window is not set")
+        if self.moe is not None and self.mlp_bias:
+            raise ValueError("mlp_bias is not supported with moe (routed experts have no biases)")
         if self.moe is not None and self.moe.first_k_dense_replace > self.n_layers:
             raise ValueError(
                 f"moe.first_k_dense_replace={self.moe.first_k_dense_replace} exceeds n_layers={self.n_layers}"

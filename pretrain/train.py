@@ -14,6 +14,7 @@ train.log, metrics.jsonl, loss.png and checkpoints/ (``step_XXXXXXXX`` resumable
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +27,7 @@ from model import build_model, count_params, flops_per_token
 from trainer.checkpointing import init_from_checkpoint
 from trainer.engine import Trainer
 from trainer.evaluation import TextSampler
-from trainer.launch import launch
+from trainer.launch import launch, start_run
 from trainer.losses import causal_lm_loss
 from utils.config import ExperimentConfig, add_config_args, config_from_args
 from utils.errors import UserError, cli_main
@@ -66,8 +67,8 @@ def build_loaders(cfg: ExperimentConfig, rank: int, world_size: int, tok_hash: O
     start = val.state_dict()
 
     def val_batches():
-        val.load_state_dict(start)  # the same batches at every evaluation
-        return val
+        val.load_state_dict(start)  # the same batches at every evaluation, none twice
+        return itertools.islice(val, val.steps_per_epoch())
 
     return train, val_batches, seq_len
 
@@ -77,10 +78,11 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None, stop_at: Optional
 
     ``stop_at``: end after that step with a resumable checkpoint (see `Trainer.fit`).
     """
-    with launch(cfg, STAGE) as (dist, run):
+    with launch(cfg) as dist:
         tokenizer_dir = cfg.data.tokenizer_path()
         tok_hash = tokenizer_checks(tokenizer_dir)
         train_data, val_data, seq_len = build_loaders(cfg, dist.rank, dist.world_size, tok_hash)
+        run = start_run(cfg, STAGE, dist)
         model = build_model(cfg.model, dist.device, torch.float32)  # fp32 master weights; AMP computes
         if cfg.checkpointing.init_from is not None:
             init_from_checkpoint(model, cfg.checkpointing.init_from, cfg.model)

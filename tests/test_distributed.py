@@ -21,7 +21,6 @@ from trainer.distributed import (
     DistInfo,
     all_reduce_mean,
     all_reduce_sum,
-    apply_activation_checkpointing,
     barrier,
     broadcast_object,
     full_state_dict,
@@ -191,7 +190,8 @@ def test_fsdp_two_processes_match_and_checkpoint_loads_in_one_process(tmp_path, 
     assert sharded_opt["state"].keys() == single_opt["state"].keys()
     for name, st in single_opt["state"].items():
         for key, value in st.items():
-            torch.testing.assert_close(sharded_opt["state"][name][key], value, rtol=1e-4, atol=1e-6, msg=f"{name}.{key}")
+            torch.testing.assert_close(sharded_opt["state"][name][key], value, rtol=1e-4, atol=1e-6,
+                                       msg=f"{name}.{key}")
     opt = build_optimizer(model, TrainingConfig(optimizer="muon"))
     load_full_optimizer_state_dict(model, opt, sharded_opt)
     buf = opt.state[model.layers[1].ffn.experts.gate_proj]["momentum_buffer"]
@@ -199,10 +199,10 @@ def test_fsdp_two_processes_match_and_checkpoint_loads_in_one_process(tmp_path, 
 
 
 @pytest.mark.slow
-def test_pretrain_script_under_torchrun_fsdp_matches_one_process(tmp_path):
-    """The real `pretrain/train.py` under torchrun (2 ranks × batch 2, FSDP2, Muon) == one
-    process with batch 4: the same train and validation losses in metrics.jsonl and the same
-    final weights."""
+def test_pretrain_script_under_torchrun_fsdp_resumes_and_matches_one_process(tmp_path):
+    """The real `pretrain/train.py` under torchrun (2 ranks × batch 2, FSDP2, Muon), stopped
+    after 3 of 6 steps and resumed with ``--resume auto`` == one process with batch 4 straight
+    through: the same train and validation losses in metrics.jsonl and the same final weights."""
     import yaml
 
     import pretrain.train as pretrain
@@ -213,24 +213,28 @@ def test_pretrain_script_under_torchrun_fsdp_matches_one_process(tmp_path):
     data_dir = make_pretrain_data(tmp_path)
     training = {"max_steps": 6, "eval_interval": 3, "optimizer": "muon", "parallelism": "fsdp"}
     common = dict(checkpointing={"save_interval": 100})
-    two = tiny_config_dict(data_dir, tmp_path / "runs", run_name="two", training={**training, "batch_size": 2}, **common)
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    torchrun(REPO_ROOT / "pretrain" / "train.py", ["--config_path", str(tmp_path / "two.yaml")])
-    one = tiny_config_dict(data_dir, tmp_path / "runs", run_name="one", training={**training, "batch_size": 4}, **common)
+    runs = tmp_path / "runs"
+    two = tiny_config_dict(data_dir, runs, run_name="two", training={**training, "batch_size": 2}, **common)
+    config = tmp_path / "two.yaml"
+    config.write_text(yaml.safe_dump(two))
+    torchrun(SCRIPT.parent / "pretrain_until.py", [str(config), "3"])
+    torchrun(REPO_ROOT / "pretrain" / "train.py", ["--config_path", str(config), "--resume", "auto"])
+    one = tiny_config_dict(data_dir, runs, run_name="one", training={**training, "batch_size": 4}, **common)
     pretrain.train(validate(one, ExperimentConfig))
 
     def records(name: str) -> list[dict]:
-        lines = (tmp_path / "runs" / "pretrain" / name / "metrics.jsonl").read_text().splitlines()
+        lines = (runs / "pretrain" / name / "metrics.jsonl").read_text().splitlines()
         return [{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in map(json.loads, lines)]
 
     a, b = records("two"), records("one")
     assert [r.keys() for r in a] == [r.keys() for r in b] and sum("val_loss" in r for r in a) == 2
+    assert [r["step"] for r in a if "loss" in r] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
         for key in ("loss", "val_loss"):
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= 1e-5, (ra, rb)
-    wa = load_checkpoint(tmp_path / "runs/pretrain/two/checkpoints/final").state_dict
-    wb = load_checkpoint(tmp_path / "runs/pretrain/one/checkpoints/final").state_dict
+    wa = load_checkpoint(runs / "pretrain/two/checkpoints/final").state_dict
+    wb = load_checkpoint(runs / "pretrain/one/checkpoints/final").state_dict
     assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)

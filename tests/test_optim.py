@@ -202,6 +202,20 @@ def test_muon_routing_and_weight_decay():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+def test_muon_routing_on_the_real_deepseek_model():
+    """MLA + MoE (router, stacked experts, shared experts) + MTP, built by the model package."""
+    from model import build_model, get_preset
+
+    model = build_model(get_preset("tiny-deepseek_v3"))
+    parts = {k: {n for n, _ in v} for k, v in classify_params(model).items()}
+    params = dict(model.named_parameters())
+    assert parts["embed_head"] == {"embed.weight", "lm_head.weight"}
+    assert parts["no_decay"] == {n for n, p in params.items() if p.ndim == 1}
+    assert parts["hidden"] == {n for n, p in params.items() if p.ndim >= 2} - parts["embed_head"]
+    assert {"layers.1.ffn.gate.weight", "layers.2.attn.kv_b_proj.weight", "mtp.0.proj.weight"} <= parts["hidden"]
+    assert sum(params[n].ndim == 3 for n in parts["hidden"]) == 9  # 3 stacked projections × (2 MoE layers + MTP)
+
+
 def test_adamw_routing_tied_embeddings():
     model = TinyLM(tie=True)
     opt = build_optimizer(model, _tcfg(optimizer="adamw", learning_rate=1e-3, weight_decay=0.05))
@@ -228,7 +242,8 @@ def test_trainable_subset_and_set_lr():
 
 def test_muon_rejects_vectors():
     with pytest.raises(ValueError, match="matrices"):
-        Muon([dict(params=[nn.Parameter(torch.zeros(3))], use_muon=True, lr=0.1, weight_decay=0.0, momentum=0.9, nesterov=True, ns_steps=5)])
+        Muon([dict(params=[nn.Parameter(torch.zeros(3))], use_muon=True, lr=0.1, weight_decay=0.0, momentum=0.9,
+                   nesterov=True, ns_steps=5)])
 
 
 # ---------------------------------------------------------------- training and resume

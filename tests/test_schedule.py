@@ -37,7 +37,8 @@ def test_wsd_linear_and_one_minus_sqrt_by_hand():
     assert lr_multiplier(80, lin) == pytest.approx(1 - 0.9 * 1 / 20)  # 0.955
     assert lr_multiplier(89, lin) == pytest.approx(0.55)  # progress 10/20
     assert lr_multiplier(99, lin) == pytest.approx(0.1)
-    sq = _cfg(lr_schedule="wsd", warmup_steps=10, max_steps=100, decay_fraction=0.2, min_lr_ratio=0.1, wsd_decay_shape="1-sqrt")
+    sq = _cfg(lr_schedule="wsd", warmup_steps=10, max_steps=100, decay_fraction=0.2, min_lr_ratio=0.1,
+              wsd_decay_shape="1-sqrt")
     assert lr_multiplier(79, sq) == 1.0
     assert lr_multiplier(84, sq) == pytest.approx(1 - 0.9 * 0.5)  # progress 5/20 → sqrt = 0.5 → 0.55
     assert lr_multiplier(89, sq) == pytest.approx(0.363604, abs=1e-6)  # 1 − 0.9·sqrt(0.5)

@@ -83,26 +83,27 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if device_pref in ("auto", "cuda") and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
             raise UserError(
-                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s): use --nproc_per_node <= {torch.cuda.device_count()}"
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s): "
+                f"use --nproc_per_node <= {torch.cuda.device_count()}"
             )
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_distributed=True)
-
-
-def destroy_distributed() -> None:
-    """Leave the process group (after a barrier: gloo can abort when ranks exit unevenly)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 def _initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def destroy_distributed() -> None:
+    """Leave the process group (after a barrier: gloo can abort when ranks exit unevenly)."""
+    if _initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- wrapping

@@ -29,7 +29,7 @@ from torch import nn
 
 from model.moe import moe_load_stats, moe_modules, update_moe_biases
 from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
-from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, unwrap, wrap_model
+from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, wrap_model
 from trainer.evaluation import TextSampler, evaluate, to_device
 from trainer.losses import Batch, LossFn, count_targets, micro_batch_objective
 from trainer.metrics import MetricsLogger, Throughput, mfu, peak_flops, peak_memory_gb
@@ -149,14 +149,14 @@ class Trainer:
         self.metrics = MetricsLogger(self.run, lcfg, self.dist.is_main, tcfg.max_steps, self.step,
                                      config=self.cfg.model_dump(mode="json"))
         self.throughput = Throughput(self.device)
-        window: list[float] = []
+        window: list[dict[str, float]] = []  # per-step scalars since the last log line
         self.model.train()
         try:
             end = tcfg.max_steps if stop_at is None else min(stop_at, tcfg.max_steps)
             while self.step < end:
                 stats = self.train_step()
                 decision = stats["decision"]
-                window.append(stats["loss"])
+                window.append({"loss": stats["loss"], "grad_norm": stats["grad_norm"], **stats["sums"]})
                 self.metrics.advance(loss=stats["loss"], lr=self.optimizer.param_groups[0]["lr"])
                 if decision.action != "step":
                     logger.warning("step %d: update skipped — %s", self.step, decision.reason)
@@ -165,7 +165,7 @@ class Trainer:
                     window.clear()
                     continue
                 if self.step % lcfg.log_interval == 0 or self.step == tcfg.max_steps:
-                    self._log(window, stats)
+                    self._log(window)
                     window.clear()
                 self._periodic()
             return self._finish(final=self.step >= tcfg.max_steps)
@@ -280,14 +280,14 @@ class Trainer:
             self.metrics.reset_bar(self.step)
 
     # ------------------------------------------------------------------ logging, eval, saving
-    def _log(self, window: list[float], stats: dict[str, Any]) -> None:
+    def _log(self, window: list[dict[str, float]]) -> None:
+        """One metrics record: means over the steps since the last one, plus rates and memory."""
         tps = self.throughput.measure()
-        record: dict[str, Any] = {
-            "loss": sum(window) / len(window), "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": stats["grad_norm"], "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
+        record: dict[str, Any] = {k: sum(w[k] for w in window) / len(window) for k in window[-1]}
+        record.update({
+            "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tps, "tokens_seen": self.tokens_seen,
             "peak_mem_gb": peak_memory_gb(self.device), "skipped_steps": self.guard.skipped_total,
-        }
-        record.update(stats["sums"])
+        })
         if self.flops_per_token is not None:
             peak, source = peak_flops(self.device, self.dtype)
             record["mfu"] = mfu(self.flops_per_token, tps, peak, self.dist.world_size)

@@ -1,5 +1,6 @@
-"""What every stage script does before and after its `Trainer`: join the process group, agree
-on the run name, create the run directory, set up logging and seeds, and leave cleanly.
+"""What every stage script does around its `Trainer`: join the process group and seed
+(`launch`), agree on the run name, create the run directory and start logging (`start_run`),
+and leave the process group cleanly.
 
 Under ``torchrun`` each rank loads the config itself, so a ``{timestamp}`` run name could
 differ by a second between ranks; rank 0's name is broadcast to all. A timestamped name is a
@@ -23,26 +24,33 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def launch(cfg: ExperimentConfig, stage: str) -> Iterator[tuple[DistInfo, RunDir]]:
-    """``with launch(cfg, "pretrain") as (dist, run): ...`` — see the module docstring.
+def launch(cfg: ExperimentConfig) -> Iterator[DistInfo]:
+    """``with launch(cfg) as dist: ...`` — join the process group (under torchrun), seed every
+    generator with ``training.seed`` (the same on all ranks, so every rank builds identical
+    initial weights, as FSDP2 requires), and leave the group at the end.
 
-    Seeds every generator with ``training.seed`` (the same on all ranks, so every rank builds
-    identical initial weights, as FSDP2 requires).
+    Check the inputs (data, tokenizer) before `start_run`, so a user mistake is one line on
+    stderr and leaves no empty run directory.
     """
     dist = init_distributed(cfg.training.device)
+    seed_everything(cfg.training.seed)
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    yield dist
+    # only on success: after an exception the other ranks may be stuck in a collective, and
+    # the barrier in `destroy_distributed` would hang instead of letting torchrun stop them
+    destroy_distributed()
+
+
+def start_run(cfg: ExperimentConfig, stage: str, dist: DistInfo) -> RunDir:
+    """Agree on the run name, create ``runs/<stage>/<run_name>/`` (rank 0) and start logging."""
     cfg.logging.run_name = broadcast_object(cfg.logging.run_name)
     run = RunDir(cfg.logging.runs_dir, stage, cfg.logging.run_name)
     if dist.is_main:
         run.create(cfg)
     barrier()
     setup_logging(run.log_path, dist.rank)
-    seed_everything(cfg.training.seed)
     dtype = pick_dtype(cfg.training.dtype, dist.device)
     logger.info("%s run %s | %s | world_size=%d", stage, run.root, describe(dist.device, dtype), dist.world_size)
-    if dist.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    yield dist, run
-    # only on success: after an exception the other ranks may be stuck in a collective, and
-    # the barrier in `destroy_distributed` would hang instead of letting torchrun stop them
-    destroy_distributed()
+    return run

@@ -167,7 +167,9 @@ class Muon(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------- building from a config
-def classify_params(model: nn.Module, trainable: Optional[Iterable[nn.Parameter]] = None) -> dict[str, list[tuple[str, nn.Parameter]]]:
+def classify_params(
+    model: nn.Module, trainable: Optional[Iterable[nn.Parameter]] = None
+) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Split the trainable parameters into ``hidden`` (≥2-D hidden matrices: Muon's),
     ``embed_head`` (token embeddings and output heads: ≥2-D but AdamW) and ``no_decay``
     (1-D: norms, biases). Returns ``{group: [(name, param), ...]}`` in model order.
@@ -201,7 +203,9 @@ def classify_params(model: nn.Module, trainable: Optional[Iterable[nn.Parameter]
     return groups
 
 
-def build_optimizer(model: nn.Module, tcfg: TrainingConfig, trainable: Optional[Iterable[nn.Parameter]] = None) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, tcfg: TrainingConfig, trainable: Optional[Iterable[nn.Parameter]] = None
+) -> torch.optim.Optimizer:
     """AdamW or Muon(+AdamW) over the model's trainable parameters, per `tcfg.optimizer`.
 
     Call it after `trainer.distributed.wrap_model` (FSDP2 replaces parameters by DTensors).
@@ -223,7 +227,8 @@ def build_optimizer(model: nn.Module, tcfg: TrainingConfig, trainable: Optional[
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=adam_lr, **adamw, fused=on_cuda, foreach=not on_cuda)
     groups = (
-        group("hidden", tcfg.muon_learning_rate, decay_wd, use_muon=True, momentum=tcfg.muon_momentum, nesterov=True, ns_steps=NS_STEPS)
+        group("hidden", tcfg.muon_learning_rate, decay_wd, use_muon=True, momentum=tcfg.muon_momentum, nesterov=True,
+              ns_steps=NS_STEPS)
         + group("embed_head", adam_lr, decay_wd, use_muon=False, **adamw)
         + group("no_decay", adam_lr, 0.0, use_muon=False, **adamw)
     )
