@@ -3,10 +3,11 @@
 Both models hold the same weights (a random Hugging Face Llama imported through
 `model/hf.py`), see the same batch, run on the same threads and time the same step:
 forward, cross-entropy on the logits, backward. Measurements are interleaved (one step of
-each model in turn, repeated) so background load hits all of them alike; the median is
-reported. ``torch.compile`` of our model is timed too (skipped with a warning where it fails).
-A large fp32 matmul timed in the same run gives the machine's attainable FLOP/s, and each
-model's achieved fraction of it uses `model.flops_per_token` (6 N + attention).
+each model in turn, repeated) so background load hits all of them alike; medians are
+reported, and the speedup is the median over rounds of t_hf / t_ours (> 1: ours is faster).
+``torch.compile`` of our model is timed too (skipped with a warning where it fails). A large
+fp32 matmul timed in the same rounds gives the machine's attainable FLOP/s, and each model's
+achieved fraction of it uses `model.flops_per_token` (6 N + attention).
 
     python benchmarks/model_speed.py                 # configs A and B, eager + compiled
     python benchmarks/model_speed.py --configs A --compile off --iters 3
@@ -41,16 +42,13 @@ CONFIGS = {
 }
 
 
-def matmul_flops(n: int = 2048, reps: int = 5) -> float:
-    """Attainable fp32 FLOP/s: the best of ``reps`` timings of an (n, n) @ (n, n) matmul."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+MATMUL_N = 2048
+
+
+def matmul_step() -> Callable[[], None]:
+    """One (n, n) @ (n, n) fp32 matmul (2 n^3 FLOPs): the machine's attainable FLOP/s."""
+    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
+    return lambda: a @ b
 
 
 def hf_and_ours(name: str, tmp: Path):
@@ -95,13 +93,13 @@ def measure(steps: dict[str, Callable[[], None]], warmup: int, iters: int) -> di
     return times
 
 
-def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: int, peak: float) -> dict:
+def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: int) -> dict:
     hf, ours, cfg = hf_and_ours(name, tmp)
     vocab, *_, seq_len, batch = CONFIGS[name]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=g)
     targets = torch.randint(0, vocab, (batch, seq_len), generator=g)
-    steps: dict[str, Callable[[], None]] = {}
+    steps: dict[str, Callable[[], None]] = {"matmul": matmul_step()}
     if compile_mode in ("off", "both"):
         steps["ours"] = lambda: train_step(ours, tokens, targets, hf=False)
     steps["hf_sdpa"] = lambda: train_step(hf, tokens, targets, hf=True)
@@ -120,24 +118,27 @@ def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: in
 
     tokens_per_step = batch * seq_len
     fpt = flops_per_token(cfg, seq_len)
+    matmul_times = times.pop("matmul")
+    peak = 2 * MATMUL_N**3 / statistics.median(matmul_times)
     result: dict = {
         "shape": dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "seq_len", "batch"), CONFIGS[name])),
         "flops_per_token": fpt,
+        "matmul_gflops_median": round(peak / 1e9, 1),
     }
     for key, ts in times.items():
-        median = statistics.median(ts)
-        tps = tokens_per_step / median
+        tps = tokens_per_step / statistics.median(ts)
         result[key] = {
-            "step_s_median": round(median, 4),
+            "step_s_median": round(statistics.median(ts), 4),
             "step_s_all": [round(t, 4) for t in ts],
             "tokens_per_s": round(tps, 1),
             "flops_fraction_of_matmul": round(tps * fpt / peak, 3),
         }
-    hf_tps = result["hf_sdpa"]["tokens_per_s"]
     for key in ("ours", "ours_compiled"):
-        if key in result:
-            result[f"ratio_{key}_vs_hf"] = round(result[key]["tokens_per_s"] / hf_tps, 3)
-    if "ours_compiled" in result:
+        if key in times:
+            # per round: the two steps ran back to back under the same background load
+            per_round = [h / o for o, h in zip(times[key], times["hf_sdpa"])]
+            result[f"speedup_{key}_vs_hf"] = round(statistics.median(per_round), 3)
+    if "ours_compiled" in times:
         result["compile_s"] = round(compile_s, 1)
     if compile_error:
         result["compile_error"] = compile_error
@@ -158,19 +159,16 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    peak = matmul_flops()
     report: dict = {
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "device": "cpu",
-        "matmul_gflops": round(peak / 1e9, 1),
         "configs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
-            report["configs"][name] = bench_config(name, Path(tmp), args.compile, args.warmup, args.iters, peak)
-    report["matmul_gflops_end"] = round(matmul_flops() / 1e9, 1)  # load drift during the run
+            report["configs"][name] = bench_config(name, Path(tmp), args.compile, args.warmup, args.iters)
     print(json.dumps(report, indent=2))
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.moe import MoE
 from model.norms import NORM_TYPES, GemmaRMSNorm
 from model.transformer import Transformer
 
@@ -35,8 +36,8 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     """(Re-)initialise every parameter and buffer of ``model`` in place.
 
     Matrices (any parameter with >= 2 dims, nn.Linear and nn.Embedding included) ~ N(0, std),
-    std = init_std, divided by sqrt(2 n_layers) for residual output projections; 1-D
-    parameters (biases) 0; norm weights 1 (Gemma: 0) and LayerNorm biases 0. Buffers are
+    std = init_std, divided by sqrt(2 n_layers) for residual output projections; biases
+    (any parameter named *bias*, or 1-D) 0; norm weights 1 (Gemma: 0), LayerNorm biases 0. Buffers are
     re-made by the owning module's ``reset_buffers()`` when it has one, else zero-filled
     (e.g. the MoE balancing bias).
     """
@@ -49,11 +50,11 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
                 nn.init.zeros_(module.bias)
             continue
         for name, p in module.named_parameters(recurse=False):
-            if p.dim() >= 2:
+            if "bias" in name or p.dim() < 2:  # incl. stacked expert biases (E, hidden)
+                nn.init.zeros_(p)
+            else:
                 residual = _leaf_name(f"{module_name}.{name}") in RESIDUAL_OUTPUTS
                 nn.init.normal_(p, mean=0.0, std=residual_std if residual else std)
-            else:
-                nn.init.zeros_(p)
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
         else:
@@ -90,6 +91,7 @@ def count_params(model_or_cfg: Union[nn.Module, ModelConfig]) -> dict[str, int]:
     experts only top-k count (shared experts and the router always). ``mtp``: the MTP modules.
     """
     model = _meta_model(model_or_cfg)
+    top_k = {name: m.moe.num_experts_per_tok for name, m in model.named_modules() if isinstance(m, MoE)}
     total = active = mtp = 0
     for name, p in model.named_parameters():  # shared (tied) parameters are listed once
         n = p.numel()
@@ -97,8 +99,9 @@ def count_params(model_or_cfg: Union[nn.Module, ModelConfig]) -> dict[str, int]:
             mtp += n
             continue
         total += n
-        if ".ffn.experts." in name:  # stacked routed experts: (E, ...)
-            active += n * model.cfg.moe.num_experts_per_tok // p.shape[0]
+        moe_name, is_routed, _ = name.partition(".experts.")
+        if is_routed and moe_name in top_k:  # stacked routed experts: (E, ...)
+            active += n * top_k[moe_name] // p.shape[0]
         else:
             active += n
     return {"total": total, "active": active, "mtp": mtp}

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from pydantic import ValidationError
 
-from model.config import ModelConfig, MoEConfig, RopeScaling
+from model.config import ModelConfig, RopeScaling
 
 
 class HFFormatError(ValueError):
@@ -97,8 +97,9 @@ def _unsupported(model_type: str, field: str, value: Any, allowed: str) -> HFFor
 
 
 # ---------------------------------------------------------------- RoPE
-def _scaling_from_hf(p: Optional[dict], max_pos: int, model_type: str) -> Optional[RopeScaling]:
-    """One HF rope dict (classic ``rope_scaling`` or a ``rope_parameters`` entry) → RopeScaling."""
+def _scaling_from_hf(p: Optional[dict], max_pos: int, model_type: str) -> Optional[dict[str, Any]]:
+    """One HF rope dict (classic ``rope_scaling`` or a ``rope_parameters`` entry) → the fields
+    of our `RopeScaling` (validated with the rest of the ModelConfig)."""
     if not p:
         return None
     kind = p.get("rope_type", p.get("type", "default"))
@@ -135,7 +136,7 @@ def _scaling_from_hf(p: Optional[dict], max_pos: int, model_type: str) -> Option
         for key in ("beta_fast", "beta_slow"):  # transformers reads 0 / None as the defaults 32 / 1
             if p.get(key):
                 out[key] = p[key]
-    return RopeScaling(**out)
+    return out
 
 
 def _scaling_to_hf(s: Optional[RopeScaling]) -> Optional[dict]:
@@ -291,7 +292,7 @@ def _deepseek_fields(hf: dict, f: _Fields, model_type: str) -> dict[str, Any]:
         raise _unsupported(model_type, "topk_method", hf["topk_method"], "noaux_tc")
     if hf.get("moe_layer_freq", 1) != 1:
         raise _unsupported(model_type, "moe_layer_freq", hf["moe_layer_freq"], "1")
-    moe = MoEConfig(
+    moe = dict(  # validated as a MoEConfig together with the ModelConfig
         n_routed_experts=f("n_routed_experts"),
         n_shared_experts=f("n_shared_experts"),
         num_experts_per_tok=f("num_experts_per_tok"),

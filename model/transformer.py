@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.attention import Attention
+from model.attention import Attention, Rope
 from model.cache import KVCache
 from model.config import ModelConfig
 from model.ffn import FeedForward
@@ -32,7 +32,6 @@ from model.norms import build_norm
 from model.positions import RotaryEmbedding, positions_from_doc_ids
 
 ATTENTION_CLASSES = {"mha": Attention, "mla": MLA, "linear": LinearAttention}
-RopeTables = Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
 class Block(nn.Module):
@@ -62,7 +61,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: RopeTables,
+        rope: Rope,
         positions: torch.Tensor,
         cache: Optional[object] = None,
         doc_ids: Optional[torch.Tensor] = None,
@@ -102,7 +101,7 @@ class Transformer(nn.Module):
             h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         return h
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, RopeTables]:
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, Rope]:
         """RoPE (cos, sin) per layer type ("full", "sliding"); None values without RoPE."""
         if self.rope is None:
             return {"full": None, "sliding": None}

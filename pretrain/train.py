@@ -8,7 +8,7 @@ The stage is data + loss, handed to the one engine (`trainer.engine.Trainer`):
 `data_pipeline.loader.PretrainLoader` windows (optionally with document masking) and
 `trainer.losses.causal_lm_loss` (cross-entropy, + multi-token prediction and the MoE balance
 loss when the model has them). Output: ``runs/pretrain/<run_name>/`` with config.yaml,
-train.log, metrics.jsonl, loss.png and checkpoints/ (``step_XXXXXXXX`` resumable,
+train.log, metrics.jsonl, loss.png and checkpoints/ (``step_NNNNNNNN`` resumable,
 ``final`` for inference, each with the tokenizer files).
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None, stop_at: Optional
         tokenizer_dir = cfg.data.tokenizer_path()
         tok_hash = tokenizer_checks(tokenizer_dir)
         train_data, val_data, seq_len = build_loaders(cfg, dist.rank, dist.world_size, tok_hash)
-        run = start_run(cfg, STAGE, dist)
+        run = start_run(cfg, STAGE, dist, resume)
         model = build_model(cfg.model, dist.device, torch.float32)  # fp32 master weights; AMP computes
         if cfg.checkpointing.init_from is not None:
             init_from_checkpoint(model, cfg.checkpointing.init_from, cfg.model)

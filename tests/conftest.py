@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from utils.paths import REPO_ROOT, shared_data_dir
 
@@ -41,3 +42,8 @@ def assert_user_error(proc: subprocess.CompletedProcess, contains: str | None = 
     if contains is not None:
         assert contains in lines[0], lines[0]
     return lines[0]
+
+
+# Tiny models are dominated by per-op overhead: one intra-op thread is faster and keeps the
+# suite's timing stable when the machine is shared.
+torch.set_num_threads(1)

@@ -96,6 +96,7 @@ def test_meta_build_and_init() -> None:
     assert model.layers[3].ffn.experts.up_proj.std().item() == pytest.approx(std, rel=0.05)
     assert model.embed.weight.std().item() == pytest.approx(std, rel=0.05)
     assert torch.all(attn.q_proj.bias == 0)
+    assert torch.all(build_model(get_preset("tiny", mlp_bias=True)).layers[0].ffn.up_proj.bias == 0)
     assert torch.all(model.layers[3].ffn.gate.e_score_correction_bias == 0)
     assert torch.all(model.norm.weight == 1)
     gemma = build_model(get_preset("tiny-gemma2"))

@@ -22,12 +22,13 @@ CASES = {
     "mqa": get_preset("tiny", n_kv_heads=1),
     "qk_norm_qwen3": get_preset("tiny-qwen3"),
     "sliding_window": get_preset("tiny-mistral", sliding_window=8),  # 40 tokens >> window 8
-    "local_global_gemma3": get_preset("tiny-gemma3", sliding_window=8),
-    "softcap_gemma2": get_preset("tiny-gemma2", sliding_window=8),
+    "local_global_gemma3": get_preset("tiny-gemma3", sliding_window=8, n_layers=2, layer_types=["sliding", "full"]),
+    "softcap_gemma2": get_preset("tiny-gemma2", sliding_window=8, n_layers=2, layer_types=["sliding", "full"]),
+    "no_positions": get_preset("tiny", position_type="none"),
     "alibi": get_preset("tiny", position_type="alibi", n_heads=6, n_kv_heads=2, head_dim=16),
     "linear_attention": get_preset("tiny", attention_type="linear"),
     "moe": get_preset("tiny", moe=MOE),
-    "mla_moe_deepseek": get_preset("tiny-deepseek_v3"),
+    "mla_moe_deepseek": get_preset("tiny-deepseek_v3", n_layers=2),  # layer 0 dense, layer 1 MoE
     "mla_plain_q": get_preset("tiny-deepseek_v3", q_lora_rank=None, moe=None, mtp_depth=0, rope_scaling=None),
 }
 

@@ -1,6 +1,7 @@
 """Checkpoints of a training run: exact resume, crash safety, retention (trainer/checkpointing.py)."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import pretrain.train as pretrain
+from model import ModelConfig, build_model
 from trainer.checkpointing import CheckpointManager, resolve_resume
 from trainer_fixtures import make_pretrain_data, tiny_config, tiny_config_dict, one_thread  # noqa: F401 (autouse fixture)
 from utils.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, step_dir
@@ -22,9 +24,9 @@ from utils.paths import REPO_ROOT
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    import json
-
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert len(steps) == len(set(steps)), f"steps logged twice: {steps}"
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
@@ -45,6 +47,10 @@ def test_resume_is_bit_identical(data_dir: Path, tmp_path: Path) -> None:
     pieces = tiny_config(data_dir, tmp_path / "runs", run_name="pieces", **common)
     first = pretrain.train(pieces, stop_at=n)
     assert first["final_checkpoint"] is None and first["step"] == n
+    with pytest.raises(UserError, match="already holds checkpoints"):  # a fresh start would mix two runs
+        pretrain.train(tiny_config(data_dir, tmp_path / "runs", run_name="pieces", **common))
+    with open(tmp_path / "runs/pretrain/pieces/metrics.jsonl", "a") as f:  # logged, then killed before a save
+        f.write(json.dumps({"step": n + 1, "loss": 99.0}) + "\n")
     resumed = tiny_config(data_dir, tmp_path / "runs", run_name="pieces", **common)
     pretrain.train(resumed, resume="auto")
 
@@ -64,7 +70,8 @@ def test_checkpoint_contents_for_inference(data_dir: Path, tmp_path: Path) -> No
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000003", "step_00000004"]  # keep_last 2
     final = load_checkpoint(ckpts / "final")
     assert (ckpts / "final/tokenizer.json").is_file() and not (ckpts / "final/training_state").exists()
-    assert final.model_config["dim"] == cfg.model.dim
+    model = build_model(ModelConfig(**final.model_config))  # what inference does
+    model.load_state_dict(final.state_dict)  # strict: every weight present, no stray keys
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in final.state_dict)
     state = load_checkpoint(ckpts / "step_00000004", load_training_state=True).training_state
     assert state["step"] == 4 and state["ranks"][0]["data"]["step"] == 4
@@ -74,10 +81,12 @@ def test_checkpoint_contents_for_inference(data_dir: Path, tmp_path: Path) -> No
 
 def test_keep_last_keeps_best(tmp_path: Path) -> None:
     mgr = CheckpointManager(tmp_path, keep_last=1, keep_best=True, is_writer=True)
-    for step, val in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 2.5)):
-        mgr.record_val_loss(step, val)
-        mgr.save(step, {"w": torch.zeros(1)}, {"dim": 1}, {"step": step}, {}, None)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    for step, val in ((1, 3.0), (2, 1.0), (3, None), (4, 2.5), (5, None)):  # 3, 5: not validated
+        if val is not None:
+            mgr.consider_best(step, val)
+        mgr.save(step, {"w": torch.zeros(1)}, {"dim": 1}, {"step": step, "best": mgr.state_dict()}, {}, None)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000005"]
+    assert mgr.state_dict() == {"best_loss": 1.0, "best_step": 2}
 
 
 def test_resolve_resume(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """Resumable training checkpoints on top of `utils.checkpoint`'s atomic directory format.
 
-A training checkpoint is ``<run>/checkpoints/step_XXXXXXXX/`` holding the full model weights
+A training checkpoint is ``<run>/checkpoints/step_NNNNNNNN/`` holding the full model weights
 (``model.safetensors``, loadable for inference, tokenizer files beside them) and
 ``training_state/`` with everything else an exact resume needs:
 
@@ -8,7 +8,7 @@ A training checkpoint is ``<run>/checkpoints/step_XXXXXXXX/`` holding the full m
     optimizer                 full (unsharded) optimizer state, keyed by parameter name
     grad_scaler               fp16 loss-scale state (None otherwise)
     spike_guard               loss history, counters, LR scale after rollbacks
-    best                      best validation loss so far and its step
+    checkpoints               best validation loss so far and its step
     ranks[r]                  per rank: RNG states (python / numpy / torch / cuda) and the
                               data loader's position
     world_size
@@ -16,11 +16,13 @@ A training checkpoint is ``<run>/checkpoints/step_XXXXXXXX/`` holding the full m
 The learning-rate schedule is a pure function of the step, so "scheduler state" is `step`.
 Writes are atomic (temp dir + rename), so a crash or SIGKILL at any moment — including in the
 middle of a save — leaves the previous checkpoint loadable. `CheckpointManager` keeps the
-newest `keep_last` checkpoints plus the one with the best validation loss.
+newest `keep_last` checkpoints plus the best one: the lowest validation loss among the
+checkpoints saved at a step that was also validated (the last step always is).
 
 Model and optimizer state are gathered unsharded and keyed by parameter name
 (`trainer.distributed.full_state_dict` / `full_optimizer_state_dict`), so single-process,
-DDP and FSDP runs share one format. Multi-node runs need the run directory on a shared filesystem (every rank reads it).
+DDP and FSDP runs share one format (a run saved by FSDP on N ranks resumes in one process).
+Multi-node runs need the run directory on a shared filesystem: every rank reads it.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def resolve_resume(resume: Optional[str], checkpoints_root: Path) -> Optional[Pa
         found = latest_checkpoint(root)
         if found is not None:
             return found
-    raise UserError(f"--resume {resume}: no resumable checkpoint (step_XXXXXXXX/ with training_state/) found there")
+    raise UserError(f"--resume {resume}: no resumable checkpoint (step_NNNNNNNN/ with training_state/) found there")
 
 
 class CheckpointManager:
@@ -103,16 +105,18 @@ class CheckpointManager:
             for p in self.root.glob(pattern):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def record_val_loss(self, step: int, loss: float) -> bool:
-        """Remember `loss` if it is the best so far; returns whether it is."""
-        if self.best_loss is None or loss < self.best_loss:
-            self.best_loss, self.best_step = loss, step
-            return True
-        return False
+    def is_best(self, loss: float) -> bool:
+        """Whether a validation loss beats every saved checkpoint's so far."""
+        return self.best_loss is None or loss < self.best_loss
+
+    def consider_best(self, step: int, val_loss: float) -> None:
+        """Before saving step `step`, validated at that very step: is it the best checkpoint?"""
+        if self.is_best(val_loss):
+            self.best_loss, self.best_step = val_loss, step
 
     def save(self, step: int, model_state: dict[str, torch.Tensor], model_config: dict, training_state: dict,
              meta: dict, tokenizer_dir: Optional[Path]) -> Optional[Path]:
-        """Write ``step_XXXXXXXX`` atomically, then prune. Returns its path (None on other ranks)."""
+        """Write ``step_NNNNNNNN`` atomically, then prune. Returns its path (None on other ranks)."""
         if not self.is_writer:
             return None
         path = save_checkpoint(step_dir(self.root, step), model_state, model_config,
@@ -201,6 +205,8 @@ def save_training_checkpoint(trainer: Any, final: bool = False) -> Optional[Path
         path = trainer.ckpt.save_final(model_state, model_config, _meta(trainer), trainer.tokenizer_dir)
         barrier()
         return path
+    if trainer.last_val is not None and trainer.last_val_step == trainer.step:
+        trainer.ckpt.consider_best(trainer.step, trainer.last_val["val_loss"])
     data_state = getattr(trainer.train_data, "state_dict", None)
     state = {
         "step": trainer.step,

@@ -19,8 +19,10 @@ logs and writes.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -106,6 +108,7 @@ class Trainer:
         self.tokens_seen = 0  # input tokens consumed, all ranks
         self.losses: list[tuple[int, float]] = []  # (step, loss) of this process's steps, for callers
         self.last_val: Optional[dict[str, float]] = None
+        self.last_val_step: Optional[int] = None
         self._saved_step: Optional[int] = None
         self.throughput = Throughput(self.device)
         self.metrics: Optional[MetricsLogger] = None  # created by `fit`
@@ -134,8 +137,22 @@ class Trainer:
                 logger.info("--resume auto: no checkpoint in %s yet, starting fresh", self.run.checkpoints)
             return None
         load_training_checkpoint(self, path, restore_data=True)
+        if self.dist.is_main:
+            self._forget_metrics_after(self.step)
         logger.info("resumed from %s at step %d", path, self.step)
         return path
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drop metrics.jsonl records of steps the resumed run will redo (logged after the
+        checkpoint, before the interruption), so every step appears once."""
+        path = self.run.metrics_path
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: Optional[int] = None) -> dict[str, Any]:
@@ -219,11 +236,12 @@ class Trainer:
         """One micro-batch; the first one under torch.compile falls back to eager on failure."""
         try:
             out = self._micro_step(batch, global_tokens, is_last)
-        except Exception as e:  # noqa: BLE001 - compile errors come in many types
+        except Exception as e:  # compile failures come in many exception types
             if not self._compile_pending:
                 raise
+            first_line = (str(e).strip().splitlines() or [""])[0]
             logger.warning("torch.compile (backend %s) failed, continuing without it: %s: %s",
-                           self.tcfg.compile_backend, type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+                           self.tcfg.compile_backend, type(e).__name__, first_line)
             self.model = self.eager_model
             self._compile_pending = False
             self.optimizer.zero_grad(set_to_none=True)
@@ -317,15 +335,15 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation loss / perplexity over ``eval_steps`` batches per rank (all-reduced)."""
         result = evaluate(self.model, self.val_data(), self.loss_fn, self.tcfg.eval_steps, self.device, self.amp)
-        self.last_val = result
-        best = self.ckpt.record_val_loss(self.step, result["val_loss"])
+        self.last_val, self.last_val_step = result, self.step
+        best = self.ckpt.is_best(result["val_loss"])
         self._record({**result, "best": best})
         logger.info("step %d | val loss %.4f | ppl %.2f%s", self.step, result["val_loss"], result["val_ppl"],
                     " (best)" if best else "")
         return result
 
     def save(self) -> Optional[Path]:
-        """Write ``step_XXXXXXXX`` (every rank takes part; rank 0 writes)."""
+        """Write ``step_NNNNNNNN`` (every rank takes part; rank 0 writes)."""
         path = save_training_checkpoint(self)
         self._saved_step = self.step
         if path is not None:

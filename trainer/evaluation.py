@@ -66,7 +66,7 @@ def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, top_k: in
     base.eval()
     device = next(base.parameters()).device
     max_len = min(len(prompt) + max_new_tokens, base.cfg.max_seq_len)
-    prompt = prompt[-(max_len - 1):] if max_new_tokens > 0 else prompt
+    prompt = prompt[-(max_len - 1):]  # keep room for at least one new token
     cache = base.init_cache(1, max_len, device=device)
     logits = base(torch.tensor([prompt], device=device), cache=cache)[:, -1]  # (1, V)
     out: list[int] = []

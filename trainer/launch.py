@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from trainer.distributed import DistInfo, barrier, broadcast_object, destroy_distributed, init_distributed
+from utils.checkpoint import list_checkpoints
 from utils.config import ExperimentConfig
 from utils.device import describe, pick_dtype, seed_everything
+from utils.errors import UserError
 from utils.runs import RunDir, setup_logging
 
 logger = logging.getLogger(__name__)
@@ -43,10 +45,17 @@ def launch(cfg: ExperimentConfig) -> Iterator[DistInfo]:
     destroy_distributed()
 
 
-def start_run(cfg: ExperimentConfig, stage: str, dist: DistInfo) -> RunDir:
-    """Agree on the run name, create ``runs/<stage>/<run_name>/`` (rank 0) and start logging."""
+def start_run(cfg: ExperimentConfig, stage: str, dist: DistInfo, resume: Optional[str] = None) -> RunDir:
+    """Agree on the run name, create ``runs/<stage>/<run_name>/`` (rank 0) and start logging.
+
+    A fresh start (`resume` None) refuses a run directory that already holds checkpoints,
+    rather than mixing two runs' checkpoints and metrics.
+    """
     cfg.logging.run_name = broadcast_object(cfg.logging.run_name)
     run = RunDir(cfg.logging.runs_dir, stage, cfg.logging.run_name)
+    if resume is None and list_checkpoints(run.checkpoints):
+        raise UserError(f"{run.root} already holds checkpoints: continue it with --resume auto, or start a new "
+                        "run with --set logging.run_name=<new name>")
     if dist.is_main:
         run.create(cfg)
     barrier()

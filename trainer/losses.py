@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100  # label value that takes no part in the loss (same as the data loaders)
+from data_pipeline.loader import IGNORE_INDEX  # labels that take no part in the loss (-100)
 
 Batch = dict[str, Tensor]
 

@@ -1,0 +1,231 @@
+"""Continuous batching: which sequences run in the next model step (no torch).
+
+Orca-style iteration-level scheduling (Yu et al., 2022) over a paged KV cache (vLLM, Kwon et
+al., 2023): requests join and leave between steps. Policy, one step at a time:
+
+1. Prefill first. Waiting sequences are admitted in FIFO order while the number of running
+   sequences stays <= max_num_seqs, the tokens to compute (prompt minus prefix-cache hit) stay
+   <= max_num_batched_tokens and the block manager has blocks for them. A sequence longer than
+   the token budget is admitted alone (never starved); the FIFO head is never skipped.
+2. Otherwise a decode step: every running sequence computes its last token. When one needs a
+   new block and none is free, the newest running sequence is preempted: its blocks are freed,
+   it goes back to the front of the queue and is later recomputed as a prefill of its prompt
+   plus the tokens generated so far (its full blocks usually come straight back from the
+   prefix cache).
+
+A step is never empty while requests are unfinished: `add` rejects any request that could not
+run alone in the whole pool, so the oldest sequence can always make progress.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from inference.engine.block_manager import BlockManager
+from inference.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One model step. For each seq compute tokens token_ids[num_computed_tokens:], sample one."""
+
+    seqs: list[Sequence]
+    is_prefill: bool
+    num_batched_tokens: int  # tokens the runner computes this step (lookahead slots not counted)
+    preempted: list[Sequence] = field(default_factory=list)  # sent back to WAITING by this call
+
+
+class Scheduler:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        eos_token_id: int | None = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        num_lookahead_slots: int = 0,
+    ) -> None:
+        if max_num_seqs < 1 or max_model_len < 2 or num_lookahead_slots < 0:
+            raise ValueError(
+                f"need max_num_seqs >= 1, max_model_len >= 2, num_lookahead_slots >= 0; got "
+                f"{max_num_seqs}, {max_model_len}, {num_lookahead_slots}"
+            )
+        if max_num_batched_tokens < max_num_seqs * (1 + num_lookahead_slots):
+            raise ValueError(
+                f"max_num_batched_tokens={max_num_batched_tokens} must be >= max_num_seqs * "
+                f"(1 + num_lookahead_slots) = {max_num_seqs * (1 + num_lookahead_slots)}"
+            )
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.num_lookahead_slots = num_lookahead_slots
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last one is preempted first
+        self._free_slots = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out 0 first
+        self._requests: dict[str, Sequence] = {}  # every unfinished sequence by request id
+
+    # ---- queue state --------------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._requests.get(request_id)
+
+    # ---- requests in and out ------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; ValueError (one line) if it could never run."""
+        n, max_tokens = len(seq), seq.params.max_tokens
+        if seq.request_id in self._requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        # A sequence of final length L holds KV for at most L - 1 tokens (+ lookahead slots).
+        pool_len = self.block_manager.num_blocks * self.block_manager.block_size + 1 - self.num_lookahead_slots
+        if max_tokens is None:
+            seq.max_len = min(self.max_model_len, pool_len)
+            if n >= seq.max_len:
+                raise ValueError(f"the prompt has {n} tokens but at most {seq.max_len - 1} fit (max_model_len / KV pool)")
+            return self._enqueue(seq)
+        seq.max_len = n + max_tokens
+        if seq.max_len > self.max_model_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len={self.max_model_len}"
+            )
+        if seq.max_len > pool_len:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs more KV blocks than the whole pool "
+                f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size} tokens)"
+            )
+        self._enqueue(seq)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self._requests[seq.request_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a request with reason "abort" and free everything; None if it is unknown or done."""
+        seq = self._requests.get(request_id)
+        if seq is not None:
+            self.finish(seq, "abort")
+        return seq
+
+    def finish(self, seq: Sequence, reason: str = "stop") -> None:
+        """Finish seq now (e.g. the engine found a stop string): frees its blocks and slot."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.cache_computed_blocks(seq)  # keep its KV findable (multi-turn chat)
+            self.block_manager.deallocate(seq)
+            self._free_slots.append(seq.slot)
+            seq.slot = None
+        else:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        del self._requests[seq.request_id]
+
+    # ---- one step -----------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        """Pick the next step: a prefill batch if any waiting sequence can be admitted, else decode."""
+        prefill = self._schedule_prefill()
+        if prefill.seqs:
+            return prefill
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> SchedulerOutput:
+        bm = self.block_manager
+        scheduled: list[Sequence] = []
+        num_tokens = 0
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            num_new = len(seq) - bm.num_hit_tokens(seq)
+            if scheduled and num_tokens + num_new > self.max_num_batched_tokens:
+                break  # the first one is admitted even when alone it exceeds the budget
+            if not bm.can_allocate(seq):
+                break
+            bm.allocate(seq)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            seq.slot = self._free_slots.pop()
+            self.running.append(seq)
+            scheduled.append(seq)
+            num_tokens += len(seq) - seq.num_computed_tokens
+        return SchedulerOutput(scheduled, True, num_tokens)
+
+    def _schedule_decode(self) -> SchedulerOutput:
+        bm, lookahead = self.block_manager, self.num_lookahead_slots
+        queue = deque(self.running)
+        scheduled: list[Sequence] = []
+        preempted: list[Sequence] = []
+        while queue:
+            seq = queue.popleft()
+            while not bm.can_append(seq, lookahead):
+                victim = queue.pop() if queue else seq  # the newest sequence gives way
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                bm.may_append(seq, lookahead)
+                scheduled.append(seq)
+        self.running = list(scheduled)  # a separate list: finishing mutates running, not the output
+        return SchedulerOutput(scheduled, False, len(scheduled), preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free seq's blocks and slot and put it first in line; it will be recomputed."""
+        self.block_manager.deallocate(seq)
+        self._free_slots.append(seq.slot)
+        seq.slot = None
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, seqs: list[Sequence], token_ids: list[int] | list[list[int]]) -> list[Sequence]:
+        """Append each seq's sampled token(s) (a list per seq for speculative decoding), apply
+        the finishing rules, free finished sequences; returns the ones that finished.
+
+        Tokens after a finishing token are dropped. The eos / stop token itself is kept in
+        `output_token_ids`. Sequences finished meanwhile (aborted mid-step) are skipped.
+        """
+        if len(seqs) != len(token_ids):
+            raise ValueError(f"got {len(token_ids)} token lists for {len(seqs)} sequences")
+        finished = []
+        for seq, new in zip(seqs, token_ids):
+            if seq.is_finished:
+                continue
+            reason = None
+            for token_id in [new] if isinstance(new, int) else new:
+                seq.append_token(token_id)
+                reason = self._finish_reason(seq, token_id)
+                if reason is not None:
+                    break
+            seq.num_computed_tokens = len(seq) - 1  # every token but the newest has KV now
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+            else:
+                self.block_manager.cache_computed_blocks(seq)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        params = seq.params
+        if token_id == self.eos_token_id and not params.ignore_eos:
+            return "stop"
+        if token_id in params.stop_token_ids:
+            return "stop"
+        if len(seq) >= seq.max_len:  # max_tokens, max_model_len or the pool size
+            return "length"
+        return None

@@ -1,0 +1,332 @@
+"""OpenAI chat and text completions on top of the engine: requests in, JSON or SSE out.
+
+A request becomes token ids (the one chat template through `engine.encode_chat`, or the raw
+prompt) and one `SamplingParams` per choice (`n` choices = `n` engine sequences, choice i
+seeded with `seed + i`), checked against the context length, and is submitted to the shared
+`AsyncEngine` as one `GenerationStream`. Non-streaming answers collect the stream; streaming
+answers turn each engine step into server-sent events in OpenAI's chunk format, ending with
+`data: [DONE]`. Semantics follow OpenAI's API reference: `usage.prompt_tokens` counts each
+distinct prompt once, `finish_reason` is `stop` (EOS, <|im_end|> or a stop string, which is
+cut from the text) or `length`.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from data_pipeline.formats import IM_END
+from inference.engine.sampling import SamplingParams
+from inference.serving.async_engine import AsyncEngine, EngineDeadError, GenerationStream
+from inference.serving.protocol import (
+    AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
+    ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
+    CompletionRequest, Delta, ErrorDetail, ErrorResponse, TokenLogprob, TopLogprob, Usage, sse,
+)
+
+T = TypeVar("T")
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's JSON shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = ErrorDetail(message=message, type=type, param=param, code=code)
+
+
+@dataclass
+class ServingContext:
+    """What every handler needs: the engine, its async front, the served model name."""
+
+    engine: Any  # inference.engine.llm_engine.LLMEngine
+    async_engine: AsyncEngine
+    model_name: str
+    api_key: Optional[str] = None
+    vocab_size: int = field(init=False)
+    im_end_id: Optional[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vocab_size = self.engine.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.im_end_id = self.engine.tokenizer.token_to_id(IM_END)
+
+    def check_model(self, model: Optional[str]) -> None:
+        if model is not None and model != self.model_name:
+            raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
+                           "model", "model_not_found")
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+# ---------------------------------------------------------------------------- request → engine
+def max_tokens_for(ctx: ServingContext, prompt_len: int, requested: Optional[int], param: str) -> int:
+    """The completion budget: `requested`, or the rest of the context when None. Raises a 400
+    when the prompt alone fills the context or prompt + budget exceeds it (as OpenAI does)."""
+    ctx_len = ctx.engine.max_model_len
+    if prompt_len >= ctx_len:
+        raise ApiError(400, f"This model's maximum context length is {ctx_len} tokens, but the prompt has "
+                            f"{prompt_len} tokens. Please reduce the length of the {param}.",
+                       param, "context_length_exceeded")
+    if requested is None:
+        return ctx_len - prompt_len
+    if prompt_len + requested > ctx_len:
+        raise ApiError(400, f"This model's maximum context length is {ctx_len} tokens. However, you requested "
+                            f"{prompt_len + requested} tokens ({prompt_len} in the {param}, {requested} in the "
+                            f"completion). Please reduce the length of the {param} or completion.",
+                       "max_tokens", "context_length_exceeded")
+    return requested
+
+
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: Optional[int],
+                    stop_token_ids: list[int], choice: int) -> SamplingParams:
+    try:
+        return SamplingParams(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+            seed=None if req.seed is None else req.seed + choice,
+            stop=req.stop_list(), stop_token_ids=stop_token_ids, max_tokens=max_tokens, logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
+        )
+    except ValueError as e:
+        raise ApiError(400, str(e).strip().splitlines()[0]) from None
+
+
+async def submit(ctx: ServingContext, pairs: list[tuple[list[int], SamplingParams]]) -> GenerationStream:
+    try:
+        return await ctx.async_engine.submit(pairs)
+    except EngineDeadError as e:
+        raise ApiError(503, str(e), type="server_error", code="engine_unavailable") from None
+    except ValueError as e:
+        raise ApiError(400, str(e).strip().splitlines()[0]) from None
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
+    """Await `work`, cancelling it (which aborts its sequences) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is listening any more
+    return task.result()
+
+
+def _error_event(e: Exception) -> str:
+    return sse(ErrorResponse(error=ErrorDetail(message=str(e), type="server_error")))
+
+
+# ---------------------------------------------------------------------------- logprobs
+def _logprob_entries(out: Any) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """(token id, logprob, [(alt id, alt logprob), ...]) for each new token of a StepOutput."""
+    return [(tid, lp, list(top or [])) for tid, lp, top in out.logprobs]
+
+
+def chat_logprobs(ctx: ServingContext, out: Any) -> list[TokenLogprob]:
+    def top(tid: int, lp: float) -> TopLogprob:
+        text = ctx.token_text(tid)
+        return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
+
+    return [TokenLogprob(**top(tid, lp).model_dump(), top_logprobs=[top(a, b) for a, b in alts])
+            for tid, lp, alts in _logprob_entries(out)]
+
+
+def completion_logprobs(ctx: ServingContext, out: Any, offset: int) -> CompletionLogprobs:
+    """The legacy logprobs object; `text_offset` counts characters from the completion's start."""
+    lp = CompletionLogprobs(top_logprobs=[])
+    for tid, logprob, alts in _logprob_entries(out):
+        text = ctx.token_text(tid)
+        lp.tokens.append(text)
+        lp.token_logprobs.append(logprob)
+        lp.top_logprobs.append({ctx.token_text(a): b for a, b in alts})
+        lp.text_offset.append(offset)
+        offset += len(text)
+    return lp
+
+
+# ---------------------------------------------------------------------------- chat completions
+async def chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Any:
+    ctx.check_model(req.model)
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       "stream_options")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise ApiError(400, "'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        prompt = ctx.engine.encode_chat(messages)
+    except ValueError as e:
+        raise ApiError(400, str(e).strip().splitlines()[0], "messages") from None
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = max_tokens_for(ctx, len(prompt), requested, "messages")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    stop_ids = [ctx.im_end_id] if ctx.im_end_id is not None else []
+    params = [sampling_params(req, max_tokens, logprobs, stop_ids, i) for i in range(req.n)]
+    stream = await submit(ctx, [(prompt, p) for p in params])
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(_chat_events(ctx, stream, rid, req.n, len(prompt), include_usage, req.logprobs),
+                                 media_type="text/event-stream")
+    return await until_disconnect(request, _chat_collect(ctx, stream, rid, req.n, len(prompt), req.logprobs))
+
+
+async def _chat_collect(ctx: ServingContext, stream: GenerationStream, rid: str, n: int, prompt_len: int,
+                        want_logprobs: bool) -> ChatCompletion:
+    texts: list[list[str]] = [[] for _ in range(n)]
+    lps: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    finish: list[Optional[str]] = [None] * n
+    completion = 0
+    async with stream:
+        async for i, out in stream:
+            texts[i].append(out.new_text)
+            if want_logprobs:
+                lps[i] += chat_logprobs(ctx, out)
+            if out.finished:
+                finish[i] = out.finish_reason
+                completion += out.completion_tokens
+    choices = [ChatChoice(index=i, message=AssistantMessage(content="".join(texts[i])), finish_reason=finish[i],
+                          logprobs=ChoiceLogprobs(content=lps[i]) if want_logprobs else None) for i in range(n)]
+    return ChatCompletion(id=rid, model=ctx.model_name, choices=choices,
+                          usage=Usage(prompt_tokens=prompt_len, completion_tokens=completion,
+                                      total_tokens=prompt_len + completion))
+
+
+async def _chat_events(ctx: ServingContext, stream: GenerationStream, rid: str, n: int, prompt_len: int,
+                       include_usage: bool, want_logprobs: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+
+    def chunk(choices: list[ChunkChoice], usage: Optional[Usage] = None) -> str:
+        return sse(ChatCompletionChunk(id=rid, created=created, model=ctx.model_name, choices=choices, usage=usage))
+
+    completion = 0
+    async with stream:
+        for i in range(n):
+            yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+        try:
+            async for i, out in stream:
+                lp = ChoiceLogprobs(content=chat_logprobs(ctx, out)) if want_logprobs else None
+                if out.new_text or (lp is not None and lp.content):
+                    yield chunk([ChunkChoice(index=i, delta=Delta(content=out.new_text), logprobs=lp)])
+                if out.finished:
+                    completion += out.completion_tokens
+                    yield chunk([ChunkChoice(index=i, delta=Delta(), finish_reason=out.finish_reason)])
+        except Exception as e:  # the engine failed mid-stream: the status line is long sent
+            yield _error_event(e)
+            yield sse("[DONE]")
+            return
+    if include_usage:
+        yield chunk([], Usage(prompt_tokens=prompt_len, completion_tokens=completion,
+                              total_tokens=prompt_len + completion))
+    yield sse("[DONE]")
+
+
+# ---------------------------------------------------------------------------- text completions
+def _prompts(ctx: ServingContext, prompt: Any) -> list[list[int]]:
+    """The request's prompt(s) as token id lists: a string, strings, ids, or lists of ids."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    out = []
+    for p in prompt:
+        ids = ctx.engine.tokenizer.encode(p, add_special_tokens=False).ids if isinstance(p, str) else list(p)
+        if not ids:
+            raise ApiError(400, "The prompt is empty.", "prompt")
+        bad = [t for t in ids if not 0 <= t < ctx.vocab_size]
+        if bad:
+            raise ApiError(400, f"Token id {bad[0]} is out of range [0, {ctx.vocab_size}).", "prompt")
+        out.append(ids)
+    if not out:
+        raise ApiError(400, "The prompt is empty.", "prompt")
+    return out
+
+
+async def completion(ctx: ServingContext, req: CompletionRequest, request: Request) -> Any:
+    ctx.check_model(req.model)
+    if req.stream_options is not None and not req.stream:
+        raise ApiError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       "stream_options")
+    prompts = _prompts(ctx, req.prompt)
+    requested = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for this endpoint
+    pairs = []
+    for p in prompts:
+        max_tokens = max_tokens_for(ctx, len(p), requested, "prompt")
+        pairs += [(p, sampling_params(req, max_tokens, req.logprobs, [], j)) for j in range(req.n)]
+    stream = await submit(ctx, pairs)
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    prompt_tokens = sum(len(p) for p in prompts)
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return StreamingResponse(_completion_events(ctx, stream, rid, prompt_tokens, include_usage, req.logprobs),
+                                 media_type="text/event-stream")
+    return await until_disconnect(request, _completion_collect(ctx, stream, rid, len(pairs), prompt_tokens,
+                                                               req.logprobs))
+
+
+async def _completion_collect(ctx: ServingContext, stream: GenerationStream, rid: str, n: int,
+                              prompt_tokens: int, logprobs: Optional[int]) -> Completion:
+    texts: list[list[str]] = [[] for _ in range(n)]
+    lps = [CompletionLogprobs(top_logprobs=[]) for _ in range(n)]
+    finish: list[Optional[str]] = [None] * n
+    offsets = [0] * n
+    completion_tokens = 0
+    async with stream:
+        async for i, out in stream:
+            texts[i].append(out.new_text)
+            if logprobs is not None:
+                part = completion_logprobs(ctx, out, offsets[i])
+                for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    getattr(lps[i], name).extend(getattr(part, name))
+            offsets[i] += len(out.new_text)
+            if out.finished:
+                finish[i] = out.finish_reason
+                completion_tokens += out.completion_tokens
+    choices = [CompletionChoice(index=i, text="".join(texts[i]), finish_reason=finish[i],
+                                logprobs=lps[i] if logprobs is not None else None) for i in range(n)]
+    return Completion(id=rid, model=ctx.model_name, choices=choices,
+                      usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                  total_tokens=prompt_tokens + completion_tokens))
+
+
+async def _completion_events(ctx: ServingContext, stream: GenerationStream, rid: str, prompt_tokens: int,
+                             include_usage: bool, logprobs: Optional[int]) -> AsyncIterator[str]:
+    created = int(time.time())
+    offsets: dict[int, int] = {}
+    completion_tokens = 0
+    async with stream:
+        try:
+            async for i, out in stream:
+                lp = completion_logprobs(ctx, out, offsets.get(i, 0)) if logprobs is not None else None
+                offsets[i] = offsets.get(i, 0) + len(out.new_text)
+                if out.finished:
+                    completion_tokens += out.completion_tokens
+                if out.new_text or out.finished or lp is not None:
+                    choice = CompletionChoice(index=i, text=out.new_text, logprobs=lp,
+                                              finish_reason=out.finish_reason if out.finished else None)
+                    yield sse(Completion(id=rid, created=created, model=ctx.model_name, choices=[choice]))
+        except Exception as e:  # the engine failed mid-stream: the status line is long sent
+            yield _error_event(e)
+            yield sse("[DONE]")
+            return
+    if include_usage:
+        yield sse(Completion(id=rid, created=created, model=ctx.model_name, choices=[],
+                             usage=Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                         total_tokens=prompt_tokens + completion_tokens)))
+    yield sse("[DONE]")
