@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.moe import MoE
+from model.moe import MoE, Router
 from model.norms import NORM_TYPES, GemmaRMSNorm
 from model.transformer import Transformer
 
@@ -70,7 +70,17 @@ def build_model(
         model = Transformer(cfg)
     model.to_empty(device=device)
     init_weights(model, cfg)
-    return model.to(dtype)
+    return keep_fp32_modules(model.to(dtype))
+
+
+def keep_fp32_modules(model: nn.Module) -> nn.Module:
+    """Put MoE routers back in fp32 after a cast: routing must not depend on rounded router
+    weights, and bf16 would swallow the balancing bias's small updates (as HF DeepSeek-V3's
+    ``_keep_in_fp32_modules_strict``)."""
+    for m in model.modules():
+        if isinstance(m, Router):
+            m.float()
+    return model
 
 
 # ---------------------------------------------------------------------------- counting

@@ -4,16 +4,18 @@
   with the project's 4 special tokens, saved as a real checkpoint the `LLMEngine` loads.
 - `ScriptedEngine`: a stand-in with the `LLMEngine` interface whose sequences emit a fixed
   token script, for unit tests of the async layer (deterministic steps, counted calls).
-- `LiveServer`: uvicorn on 127.0.0.1 (a free port) in a background thread.
+- `LiveServer`: uvicorn on 127.0.0.1 (a free port) in a background thread;
+  `serve_checkpoint(dir)`: the real `LLMEngine` on a checkpoint behind one.
 """
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import uvicorn
 
@@ -163,3 +165,16 @@ class ScriptedEngine:
             outs.append(StepOutput(s.rid, [tid], self.tokenizer.decode([tid]), done, "length" if done else None,
                                    lp, len(s.prompt), len(s.out)))
         return outs
+
+
+@contextmanager
+def serve_checkpoint(checkpoint: Path, model_name: str = "tiny-test", api_key: Optional[str] = None,
+                     **engine_kwargs: Any) -> Iterator[tuple[Any, LiveServer]]:
+    """The real `LLMEngine` on `checkpoint` (CPU, float32, a small KV pool) behind a live server."""
+    from inference.engine.llm_engine import LLMEngine
+    from inference.serving import create_app
+
+    kwargs = dict(device="cpu", dtype="float32", kv_cache_memory_mb=4, **engine_kwargs)
+    engine = LLMEngine(checkpoint, **kwargs)
+    with LiveServer(create_app(engine, model_name, api_key)) as server:
+        yield engine, server

@@ -257,3 +257,16 @@ def test_update_all_reduces_counts_across_ranks(tmp_path):
         expected = [-0.01, 0.01, 0.0, -0.01]  # sign(4 - [6, 0, 4, 6]) * 0.01 on every rank
         for rank in range(2):
             assert results[rank] == pytest.approx(expected)
+
+
+def test_build_model_keeps_router_fp32_under_bf16() -> None:
+    """A bf16 model still routes with fp32 router weights and an fp32 balancing bias (bf16
+    would swallow the 1e-3 bias updates)."""
+    from model import build_model, get_preset
+    from model.moe import Router
+
+    model = build_model(get_preset("tiny-deepseek_v3"), dtype=torch.bfloat16)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert routers and all(r.weight.dtype == torch.float32 for r in routers)
+    assert all(r.e_score_correction_bias.dtype == torch.float32 for r in routers)
+    assert model.embed.weight.dtype == torch.bfloat16

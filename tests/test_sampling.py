@@ -53,6 +53,26 @@ def test_truncation_masks(kwargs, ranks):
     assert _kept(**kwargs) == _tokens(ranks)
 
 
+def test_truncation_parameters_per_row_in_one_batch():
+    removed = top_k_top_p_min_p_mask(
+        _logits().expand(4, 5), torch.tensor([2, 0, 0, 3]), torch.tensor([[1.0], [0.75], [1.0], [0.8]]),
+        torch.tensor([[0.0], [0.0], [0.25], [0.0]]),
+    )
+    kept = [{t for t in range(5) if not removed[i, t]} for i in range(4)]
+    assert kept == [_tokens([0, 1]), _tokens([0, 1, 2]), _tokens([0, 1, 2]), _tokens([0, 1])]
+
+
+def test_sampled_tokens_stay_inside_the_truncated_set():
+    n = 400
+    # temperature 3 comes first: probability ratios to the best become (p / .5) ** (1/3) =
+    # 1, .74, .67, .58, .46, so min_p=.5 drops only the last token
+    params = [SamplingParams(top_k=2), SamplingParams(top_p=0.75), SamplingParams(min_p=0.5, temperature=3.0)] * n
+    out = sample(_logits().expand(3 * n, 5), params, [[0]] * (3 * n), [None] * (3 * n), [1] * (3 * n))
+    tokens = out.token_ids.view(n, 3)
+    for column, ranks in enumerate([[0, 1], [0, 1, 2], [0, 1, 2, 3]]):
+        assert set(tokens[:, column].tolist()) == _tokens(ranks)  # every allowed token shows up, no other
+
+
 def test_penalty_formulas():
     logits = torch.tensor([[2.0, -1.0, 0.5, 0.0, 3.0]])
     # prompt [0, 1], output [2, 2, 4]

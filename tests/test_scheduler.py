@@ -188,6 +188,20 @@ def test_preemption_under_tiny_pool_gives_same_streams(caching):
     assert sched.block_manager.num_free_blocks == 6
 
 
+def test_decode_preempts_the_newest_sequence():
+    sched, runner = make(num_blocks=4, block_size=2, enable_prefix_caching=False)
+    a = add(sched, "a", [1, 2], max_tokens=3, ignore_eos=True)  # 1 block
+    b = add(sched, "b", [3, 4, 5, 6, 7], max_tokens=3, ignore_eos=True)  # 3 blocks: pool full
+    out = sched.schedule()
+    sched.postprocess(out.seqs, runner.run(out))
+    out = sched.schedule()  # a (3 tokens) needs a second block
+    assert out.seqs == [a] and out.preempted == [b] and list(sched.waiting) == [b]
+    assert b.block_table == [] and b.num_completion_tokens == 1  # its token stays; recomputed later
+    sched.postprocess(out.seqs, runner.run(out))
+    drain(sched, runner)
+    assert b.output_token_ids == reference_output(b.prompt_token_ids, b.params, 8)[0]
+
+
 def test_add_rejects_impossible_requests():
     sched, _ = make(num_blocks=4, block_size=4, max_model_len=32)
     with pytest.raises(ValueError, match="max_model_len"):

@@ -29,8 +29,8 @@ from inference.engine.sequence import Sequence
 def compute_block_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
     """Chained hash of one full block: depends on the whole prefix through `prev_hash`.
 
-    Python's tuple-of-int hash is deterministic across runs (no hash randomisation for ints);
-    collisions are possible and harmless because every hit is verified against the tokens.
+    Python's built-in tuple hash: fast and stable within the process (the cache lives in
+    memory only). Collisions are possible and harmless: every hit is verified (see module doc).
     """
     return hash((prev_hash, token_ids))
 
@@ -180,7 +180,7 @@ class BlockManager:
                     self._release(block.block_id)
                     continue
                 if other.ref_count == 0:
-                    self._evictable.pop(other_id)  # unused and not ours (stale): drop it
+                    self._evictable.pop(other_id)  # unused, different content (stale/collision): drop it
                     self._uncache(other_id)
                     self._free.append(other_id)
             block.hash, block.token_ids, block.parent_uid = h, tokens, parent_uid

@@ -66,8 +66,10 @@ class SamplingParams:
             ("seed", self.seed is None or _is_int(self.seed), "an integer or None"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
             ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
-            ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "an integer >= 1 or None"),
-            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS), f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
+            ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+             "an integer >= 1 or None"),
+            ("logprobs", self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
+             f"None or an integer in [0, {MAX_TOP_LOGPROBS}]"),
             ("ignore_eos", isinstance(self.ignore_eos, bool), "true or false"),
         ]
         for name, ok, allowed in checks:
@@ -185,13 +187,15 @@ def sample(
 
     token_ids = logits.argmax(dim=-1)  # (B,) greedy choice
     if not greedy.all():
-        removed = top_k_top_p_min_p_mask(
-            logits,
-            torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
-            column([p.top_p for p in params]),
-            column([p.min_p for p in params]),
-        )
-        probs = logits.masked_fill(removed, float("-inf")).softmax(dim=-1)  # (B, V)
+        if any(p.top_k or p.top_p < 1 or p.min_p for p in params):  # the mask costs a (B, V) sort
+            removed = top_k_top_p_min_p_mask(
+                logits,
+                torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+                column([p.top_p for p in params]),
+                column([p.min_p for p in params]),
+            )
+            logits = logits.masked_fill(removed, float("-inf"))
+        probs = logits.softmax(dim=-1)  # (B, V)
         race = torch.empty_like(probs).exponential_()  # (B, V) global RNG for unseeded rows
         for i, generator in enumerate(generators):
             if generator is not None and not params[i].greedy:

@@ -13,8 +13,10 @@ al., 2023): requests join and leave between steps. Policy, one step at a time:
    plus the tokens generated so far (its full blocks usually come straight back from the
    prefix cache).
 
-A step is never empty while requests are unfinished: `add` rejects any request that could not
-run alone in the whole pool, so the oldest sequence can always make progress.
+Prefill and decode steps are never mixed, so a runner may keep a separate fast path for
+decode (one token per sequence, e.g. CUDA graphs). A step is never empty while requests are
+unfinished: `add` rejects any request that could not run alone in the whole pool, so the
+oldest sequence can always make progress. Not thread-safe: call it from one engine thread.
 """
 from __future__ import annotations
 
@@ -85,32 +87,35 @@ class Scheduler:
 
     # ---- requests in and out ------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
-        """Queue a new sequence; ValueError (one line) if it could never run."""
+        """Queue a new sequence; ValueError (one line) if it could never run.
+
+        Sets `seq.max_len`: prompt + max_tokens, or with max_tokens=None as long as both
+        max_model_len and the whole KV pool allow.
+        """
         n, max_tokens = len(seq), seq.params.max_tokens
         if seq.request_id in self._requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         if n == 0:
             raise ValueError("the prompt is empty")
-        # A sequence of final length L holds KV for at most L - 1 tokens (+ lookahead slots).
-        pool_len = self.block_manager.num_blocks * self.block_manager.block_size + 1 - self.num_lookahead_slots
+        bm = self.block_manager
+        # A sequence of final length L needs KV for at most L - 1 tokens (+ lookahead slots).
+        pool_len = bm.num_blocks * bm.block_size + 1 - self.num_lookahead_slots
         if max_tokens is None:
-            seq.max_len = min(self.max_model_len, pool_len)
-            if n >= seq.max_len:
-                raise ValueError(f"the prompt has {n} tokens but at most {seq.max_len - 1} fit (max_model_len / KV pool)")
-            return self._enqueue(seq)
-        seq.max_len = n + max_tokens
-        if seq.max_len > self.max_model_len:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len={self.max_model_len}"
-            )
-        if seq.max_len > pool_len:
-            raise ValueError(
-                f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs more KV blocks than the whole pool "
-                f"({self.block_manager.num_blocks} blocks of {self.block_manager.block_size} tokens)"
-            )
-        self._enqueue(seq)
-
-    def _enqueue(self, seq: Sequence) -> None:
+            max_len = min(self.max_model_len, pool_len)
+            if n >= max_len:
+                raise ValueError(f"the prompt has {n} tokens but at most {max_len - 1} fit (max_model_len / KV pool)")
+        else:
+            max_len = n + max_tokens
+            if max_len > self.max_model_len:
+                raise ValueError(
+                    f"prompt ({n} tokens) + max_tokens ({max_tokens}) exceeds max_model_len={self.max_model_len}"
+                )
+            if max_len > pool_len:
+                raise ValueError(
+                    f"prompt ({n} tokens) + max_tokens ({max_tokens}) needs more KV blocks than the whole pool "
+                    f"({bm.num_blocks} blocks of {bm.block_size} tokens)"
+                )
+        seq.max_len = max_len
         seq.status = SequenceStatus.WAITING
         self._requests[seq.request_id] = seq
         self.waiting.append(seq)
@@ -197,8 +202,9 @@ class Scheduler:
         """Append each seq's sampled token(s) (a list per seq for speculative decoding), apply
         the finishing rules, free finished sequences; returns the ones that finished.
 
-        Tokens after a finishing token are dropped. The eos / stop token itself is kept in
-        `output_token_ids`. Sequences finished meanwhile (aborted mid-step) are skipped.
+        Token ids are Python ints. Tokens after a finishing token are dropped; the eos / stop
+        token itself is kept in `output_token_ids`. Sequences finished meanwhile (aborted while
+        the step ran) are skipped.
         """
         if len(seqs) != len(token_ids):
             raise ValueError(f"got {len(token_ids)} token lists for {len(seqs)} sequences")
@@ -207,7 +213,7 @@ class Scheduler:
             if seq.is_finished:
                 continue
             reason = None
-            for token_id in [new] if isinstance(new, int) else new:
+            for token_id in new if isinstance(new, (list, tuple)) else [new]:
                 seq.append_token(token_id)
                 reason = self._finish_reason(seq, token_id)
                 if reason is not None:

@@ -22,7 +22,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from data_pipeline.formats import IM_END
 from inference.engine.sampling import SamplingParams
-from inference.serving.async_engine import AsyncEngine, EngineDeadError, GenerationStream
+from inference.serving.async_engine import AsyncEngine, GenerationStream
 from inference.serving.protocol import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
@@ -104,8 +104,6 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
 async def submit(ctx: ServingContext, pairs: list[tuple[list[int], SamplingParams]]) -> GenerationStream:
     try:
         return await ctx.async_engine.submit(pairs)
-    except EngineDeadError as e:
-        raise ApiError(503, str(e), type="server_error", code="engine_unavailable") from None
     except ValueError as e:
         raise ApiError(400, str(e).strip().splitlines()[0]) from None
 

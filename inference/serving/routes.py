@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inference.serving.async_engine import AsyncEngine
+from inference.serving.async_engine import AsyncEngine, EngineDeadError
 from inference.serving.handlers import ApiError, ServingContext, chat_completion, completion
 from inference.serving.protocol import (
     ChatCompletionRequest, CompletionRequest, ErrorDetail, ErrorResponse, ModelCard, ModelList,
@@ -136,6 +136,14 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     return _error(exc.status_code, ErrorDetail(message=message, type="invalid_request_error"))
 
 
+async def _on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
+    return _error(503, ErrorDetail(message=str(exc), type="server_error", code="engine_unavailable"))
+
+
+async def _on_internal_error(request: Request, exc: Exception) -> JSONResponse:
+    return _error(500, ErrorDetail(message=f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+
+
 # ---------------------------------------------------------------------------- the app
 def create_app(engine: Any, model_name: str, api_key: Optional[str] = None) -> FastAPI:
     """The server app around an `LLMEngine`; the engine thread runs while the app is up."""
@@ -156,4 +164,6 @@ def create_app(engine: Any, model_name: str, api_key: Optional[str] = None) -> F
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(EngineDeadError, _on_engine_dead)
+    app.add_exception_handler(Exception, _on_internal_error)  # a bug: still answered in OpenAI's shape
     return app
