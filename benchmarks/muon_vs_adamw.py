@@ -142,7 +142,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a short smoke run")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 250, quick 30)")
     p.add_argument("--adamw_lrs", default="1e-3,3e-3,1e-2")
-    p.add_argument("--muon_lrs", default="0.01,0.02,0.05")
+    p.add_argument("--muon_lrs", default="0.005,0.01,0.02")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

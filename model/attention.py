@@ -14,17 +14,19 @@ tensor; masks are built only when needed (sliding window, documents, cache offse
 Soft-capping needs the logits, so it takes an explicit (grouped, never repeated) path.
 
 Masks are expressed in *slots*: without a cache a token's slot is its index in the sequence;
-with a contiguous cache it is the cache slot, i.e. its position.
+with a contiguous cache it is the cache slot, i.e. its position. A paged cache (the inference
+engine's) gathers each row's keys by position and builds the mask of the step itself, from
+the positions of every row (see `model.cache`).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.cache import KVLayerCache
+from model.cache import KVLayerCache, PagedLayerCache
 from model.config import ModelConfig
 from model.norms import build_norm
 from model.positions import alibi_bias, alibi_slopes, apply_rope
@@ -140,7 +142,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         rope: Rope,
         positions: torch.Tensor,
-        cache: Optional[KVLayerCache] = None,
+        cache: Optional[Union[KVLayerCache, PagedLayerCache]] = None,
         doc_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x (B, T, D), rope = (cos, sin) each (B, T, hd) or None, positions (B, T) -> (B, T, D)."""
@@ -154,23 +156,32 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        q_start = k_start = 0
-        if cache is not None:
-            if doc_ids is not None:
-                raise ValueError("document masking (doc_ids) is only supported without a cache")
-            q_start = int(positions[0, 0])  # contiguous cache: the batch shares slots = positions
-            k, v = cache.update(q_start, k, v)  # (B, S, n_kv, hd)
-            if self.window is not None:  # keys older than the window are never needed
-                k_start = max(0, q_start - self.window + 1)
-                k, v = k[:, k_start:], v[:, k_start:]
-        k_len = k.shape[1]
         force = self.alibi or self.softcap is not None
-        mask, is_causal = build_mask(q_start, seq_len, k_start, k_len, self.window, doc_ids, x.device, force)
-        bias = None
-        if self.alibi:
-            q_slots = torch.arange(q_start, q_start + seq_len, device=x.device)
-            k_slots = torch.arange(k_start, k_start + k_len, device=x.device)
-            bias = alibi_bias(self._slopes, q_slots, k_slots)[None]  # (1, H, T, S)
+        if cache is not None and doc_ids is not None:
+            raise ValueError("document masking (doc_ids) is only supported without a cache")
+        if cache is not None and cache.paged:
+            # rows at their own positions: each row's keys 0 .. S-1 gathered from the block pool
+            k, v = cache.update(positions, k, v)  # (B, S, n_kv, hd), padded per row
+            mask, is_causal = cache.mask(self.window, force)
+            bias = None
+            if self.alibi:
+                bias = torch.stack([alibi_bias(self._slopes, q_pos, k_pos)
+                                    for q_pos, k_pos in zip(positions, cache.key_positions)])  # (B, H, T, S)
+        else:
+            q_start = k_start = 0
+            if cache is not None:
+                q_start = int(positions[0, 0])  # contiguous cache: the batch shares slots = positions
+                k, v = cache.update(q_start, k, v)  # (B, S, n_kv, hd)
+                if self.window is not None:  # keys older than the window are never needed
+                    k_start = max(0, q_start - self.window + 1)
+                    k, v = k[:, k_start:], v[:, k_start:]
+            k_len = k.shape[1]
+            mask, is_causal = build_mask(q_start, seq_len, k_start, k_len, self.window, doc_ids, x.device, force)
+            bias = None
+            if self.alibi:
+                q_slots = torch.arange(q_start, q_start + seq_len, device=x.device)
+                k_slots = torch.arange(k_start, k_start + k_len, device=x.device)
+                bias = alibi_bias(self._slopes, q_slots, k_slots)[None]  # (1, H, T, S)
         out = attend(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, mask, is_causal, bias,
             self.softcap, self.dropout if self.training else 0.0,

@@ -3,8 +3,8 @@
 The model-level `KVCache` is a list of per-layer cache objects, each created by its attention
 module's ``init_cache(batch_size, max_seq_len, device, dtype)``, plus the number of tokens
 seen so far (``length``). Attention modules only talk to their own layer cache, so another
-cache (the paged cache of the inference engine) plugs in by providing layer objects with the
-same ``update`` method.
+cache (the paged cache of the inference engine) plugs in by providing layer objects that
+follow the paged contract below.
 
 Layer caches here are contiguous: fixed buffers (B, max_seq_len, ...) in which a call writes
 its T new entries at slots ``start .. start + T - 1`` (the tokens' positions, shared by all
@@ -16,16 +16,27 @@ rows of the batch) and reads back every slot up to the furthest one written:
 - `LatentLayerCache` (MLA, DeepSeek-V2, Liu et al. 2024): only the normalised latent
   ``c_kv`` (B, max_len, kv_lora_rank) and the shared, already rotated RoPE key ``k_pe``
   (B, max_len, qk_rope_head_dim).
+
+Paged layer caches (``paged = True``; the inference engine's, `inference/engine/paged_cache.py`,
+after PagedAttention, Kwon et al. 2023) serve batches whose rows sit at their own positions
+(continuous batching). Their contract, `PagedLayerCache`: ``update(positions (B, T), *new)``
+stores the new entries and returns each row's whole context gathered from the block pool,
+padded per row to a common length S, entry j of a row holding position j; ``key_positions``
+(B, S) says so (-1 marks padding); ``mask(window, force)`` gives the attention mask of the
+step (causal by position, sliding window, padding), shared by all layers. The linear-attention
+form, `PagedStateCache`, keeps one recurrent state per sequence.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
 
 class ContiguousLayerCache:
     """Fixed per-layer buffers (B, max_seq_len, ...) written at contiguous slots."""
+
+    paged = False  # the batch shares positions: slots = positions
 
     def __init__(self, *buffers: torch.Tensor) -> None:
         self.buffers = buffers
@@ -90,6 +101,34 @@ class LatentLayerCache(ContiguousLayerCache):
     @property
     def k_pe(self) -> torch.Tensor:  # (B, max_len, qk_rope_head_dim)
         return self.buffers[1]
+
+
+class PagedLayerCache(Protocol):
+    """A paged KV / latent layer cache as attention modules use it (see the module docstring)."""
+
+    paged: bool
+    key_positions: torch.Tensor  # (B, S) position of each gathered entry, -1 = padding
+
+    def update(self, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store ``new`` (each (B, T, ...)) at ``positions`` (B, T); return every row's
+        entries at positions 0 .. S - 1, each (B, S, ...), padded per row."""
+
+    def mask(self, window: Optional[int] = None, force: bool = False) -> tuple[Optional[torch.Tensor], bool]:
+        """``(mask (B, 1, T, S) bool, False)``, or `build_mask`'s ``(None, is_causal)`` fast
+        answers when they are exact for every row and ``force`` is off."""
+
+
+class PagedStateCache(Protocol):
+    """A linear-attention layer's recurrent state per sequence, as `LinearAttention` uses it."""
+
+    paged: bool
+    token_mask: torch.Tensor  # (B, T) bool, False for the padding after a row's tokens
+
+    def read_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's carried state (S (B, H, d, d), z (B, H, d)); zero for rows starting at position 0."""
+
+    def write_state(self, s: torch.Tensor, z: torch.Tensor) -> None:
+        """Store each row's state after the chunk."""
 
 
 class KVCache:

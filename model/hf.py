@@ -189,8 +189,10 @@ def state_dict_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     for name, t in sd.items():
         if name == "embed.weight":
             out["model.embed_tokens.weight"] = t
-        elif name in ("lm_head.weight", "norm.weight"):
-            out[name if name == "lm_head.weight" else "model.norm.weight"] = t
+        elif name == "lm_head.weight":
+            out[name] = t
+        elif name == "norm.weight":
+            out["model.norm.weight"] = t
         elif name.startswith("layers."):
             _, idx, rest = name.split(".", 2)
             _put_layer(out, f"model.layers.{idx}.", _rename(rest, back), t)

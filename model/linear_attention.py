@@ -16,12 +16,13 @@ variant, Su et al. 2021). Sums are accumulated in at least fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.cache import PagedStateCache
 from model.config import ModelConfig
 from model.positions import apply_rope
 
@@ -73,6 +74,7 @@ class LinearAttentionState:
     z: torch.Tensor  # (B, H, hd) sum of phi(k)
     max_seq_len: int  # positions the cache accepts in total (same contract as a KV cache)
     length: int = 0  # tokens consumed so far = position of the next token
+    paged = False  # one state per row, rows share positions (the engine's paged form: PagedStateCache)
 
 
 class LinearAttention(nn.Module):
@@ -107,13 +109,14 @@ class LinearAttention(nn.Module):
         x: torch.Tensor,
         rope: Optional[tuple[torch.Tensor, torch.Tensor]],
         positions: torch.Tensor,
-        cache: Optional[LinearAttentionState] = None,
+        cache: Optional[Union[LinearAttentionState, PagedStateCache]] = None,
         doc_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x (B, T, D), rope = (cos, sin) each (B, T, hd) or None, positions (B, T) -> (B, T, D).
 
         With a cache the chunk must continue the state: ``positions[0, 0] == cache.length``
-        (the batch shares positions, as with the contiguous KV caches). Document masking
+        (the batch shares positions, as with the contiguous KV caches); a paged state cache
+        (the inference engine's) keeps one state per sequence instead. Document masking
         (``doc_ids``) is a training feature and needs ``cache=None``. No attention dropout:
         there are no attention probabilities to drop.
         """
@@ -127,7 +130,7 @@ class LinearAttention(nn.Module):
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)  # (B, T, H, hd)
 
-        work_dtype = cache.S.dtype if cache is not None else torch.promote_types(x.dtype, torch.float32)
+        work_dtype = torch.promote_types(x.dtype, torch.float32) if cache is None or cache.paged else cache.S.dtype
         phi_q = feature_map(q.transpose(1, 2).to(work_dtype), self.feature)  # (B, H, T, hd)
         phi_k = feature_map(k.transpose(1, 2).to(work_dtype), self.feature)  # (B, H, T, hd)
         v = v.transpose(1, 2).to(work_dtype)  # (B, H, T, hd)
@@ -136,6 +139,8 @@ class LinearAttention(nn.Module):
             out = causal_linear_attention(phi_q, phi_k, v, doc_ids)
         elif doc_ids is not None:
             raise ValueError("document masking (doc_ids) is only supported without a cache")
+        elif cache.paged:
+            out = self._paged_step(cache, phi_q, phi_k, v)
         else:
             out = self._step(cache, int(positions[0, 0]), phi_q, phi_k, v)
         out = out.transpose(1, 2).reshape(batch, seq_len, -1).to(x.dtype)  # (B, T, H * hd)
@@ -157,4 +162,13 @@ class LinearAttention(nn.Module):
         state.S = state.S + phi_k.transpose(-1, -2) @ v  # (B, H, hd, hd)
         state.z = state.z + phi_k.sum(dim=2)  # (B, H, hd)
         state.length += seq_len
+        return out
+
+    @staticmethod
+    def _paged_step(cache: PagedStateCache, phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """`_step` for the inference engine: each row continues its own sequence's state."""
+        s0, z0 = cache.read_state()  # (B, H, hd, hd), (B, H, hd)
+        phi_k = phi_k * cache.token_mask[:, None, :, None]  # padding after a row's tokens adds nothing
+        out = causal_linear_attention(phi_q, phi_k, v, init=(s0, z0))
+        cache.write_state(s0 + phi_k.transpose(-1, -2) @ v, z0 + phi_k.sum(dim=2))
         return out

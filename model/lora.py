@@ -67,10 +67,6 @@ class LoraConfig(BaseModel):
                 raise ValueError(f"target_regex {v!r} is not a valid regular expression: {e}") from None
         return v
 
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.r
-
 
 def init_lora_A(a: torch.Tensor) -> None:
     """Kaiming-uniform (a = sqrt(5)) per (r, in) matrix, i.e. U(-1/sqrt(in), 1/sqrt(in)) like nn.Linear."""
@@ -99,14 +95,6 @@ class LoraLinear(nn.Module):
             self.lora_B.weight.zero_()
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-
-    @property
-    def in_features(self) -> int:
-        return self.base_layer.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base_layer.out_features
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
@@ -315,7 +303,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, dtype: Optional[torch.dtype
     return add_adapters(model, select_targets(lora_candidates(model), config), config, dtype)
 
 
-def add_adapters(model: nn.Module, paths: list[str], config: LoraConfig, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def add_adapters(
+    model: nn.Module, paths: list[str], config: LoraConfig, dtype: Optional[torch.dtype] = None
+) -> nn.Module:
     """Adapt exactly the candidate ``paths`` (as `lora_candidates` names them); freeze the rest."""
     for p in model.parameters():
         p.requires_grad_(False)

@@ -73,7 +73,7 @@ def _to_hf_names(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     back = {ours: hf for hf, ours in _module_renames(cfg).items()}
     out = {}
     for name, t in tensors.items():
-        path, ab = name.rsplit(".", 2)[0], name.rsplit(".", 2)[1]
+        path, ab, _ = name.rsplit(".", 2)  # "<path>.lora_A.weight"
         if isinstance(model.get_submodule(path.rpartition(".")[0]), LoraExperts):
             raise ValueError(f"{path}: adapters on routed experts have no PEFT form for the transformers model")
         if path.startswith("mtp."):
@@ -128,6 +128,9 @@ def read_adapter(path: PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         raise ValueError(f"{path / ADAPTER_CONFIG} is not valid JSON: {e}") from None
     if raw.get("peft_type") != "LORA":
         raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type is {raw.get('peft_type')!r}, only 'LORA' is supported")
+    missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in raw]
+    if missing:
+        raise ValueError(f"{path / ADAPTER_CONFIG} lacks the field {missing[0]!r}")
     config = LoraConfig(r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
                         target_modules=list(raw["target_modules"]))
     tensors = {}
@@ -156,6 +159,8 @@ def load_adapter(model: nn.Module, path: PathLike, dtype: Optional[torch.dtype] 
                              + (" (it uses transformers module names: saved with hf_names=True?)"
                                 if unknown[0].startswith("model.") else ""))
         add_adapters(model, saved, config, dtype)
+    if any(m.merged for _, m in lora_modules(model)):
+        raise ValueError("the model's adapters are merged; call unmerge_lora before loading other adapters")
     current = adapter_state_dict(model)
     if sorted(current) != sorted(tensors):
         missing = sorted(set(current) - set(tensors)) or sorted(set(tensors) - set(current))

@@ -15,18 +15,21 @@ The cache stores only ``c_kv`` and the *rotated* ``k_pe``. Two ways to attend ov
   attention runs directly over the latents: a single shared "kv head" of width
   kv_lora_rank + qk_rope_head_dim. Both give the same result.
 
+With the inference engine's paged cache, decode steps (one token per row) always take the
+absorbed path: per step it reads only the latents instead of expanding them for every head.
+
 Softmax scale: (qk_nope_head_dim + qk_rope_head_dim)^-0.5, times mscale(factor,
 mscale_all_dim)^2 under YaRN, as in DeepSeek's reference code.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import nn
 
 from model.attention import Rope, attend, build_mask
-from model.cache import LatentLayerCache
+from model.cache import LatentLayerCache, PagedLayerCache
 from model.config import ModelConfig
 from model.norms import RMSNorm
 from model.positions import apply_rope, yarn_softmax_mscale
@@ -71,7 +74,7 @@ class MLA(nn.Module):
         x: torch.Tensor,
         rope: Rope,
         positions: torch.Tensor,
-        cache: Optional[LatentLayerCache] = None,
+        cache: Optional[Union[LatentLayerCache, PagedLayerCache]] = None,
         doc_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """x (B, T, D), rope = (cos, sin) each (B, T, qk_rope_head_dim), positions (B, T) -> (B, T, D)."""
@@ -90,15 +93,22 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, dr)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, dr), shared by all heads
 
-        q_start = 0
-        if cache is not None:
-            if doc_ids is not None:
-                raise ValueError("document masking (doc_ids) is only supported without a cache")
-            q_start = int(positions[0, 0])  # contiguous cache: the batch shares slots = positions
-            c_kv, k_pe = cache.update(q_start, c_kv, k_pe)  # (B, S, r), (B, S, dr)
-        mask, is_causal = build_mask(q_start, seq_len, 0, c_kv.shape[1], None, doc_ids, x.device)
+        absorb = self.absorb
+        if cache is not None and doc_ids is not None:
+            raise ValueError("document masking (doc_ids) is only supported without a cache")
+        if cache is not None and cache.paged:
+            # rows at their own positions: each row's latents 0 .. S-1 gathered from the block pool
+            c_kv, k_pe = cache.update(positions, c_kv, k_pe)  # (B, S, r), (B, S, dr), padded per row
+            mask, is_causal = cache.mask(None)
+            absorb = absorb or seq_len == 1  # decoding attends in latent space
+        else:
+            q_start = 0
+            if cache is not None:
+                q_start = int(positions[0, 0])  # contiguous cache: the batch shares slots = positions
+                c_kv, k_pe = cache.update(q_start, c_kv, k_pe)  # (B, S, r), (B, S, dr)
+            mask, is_causal = build_mask(q_start, seq_len, 0, c_kv.shape[1], None, doc_ids, x.device)
         dropout = self.dropout if self.training else 0.0
-        if self.absorb:
+        if absorb:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, mask, is_causal, dropout)
         else:
             out = self._naive(q_nope, q_pe, c_kv, k_pe, mask, is_causal, dropout)

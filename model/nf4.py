@@ -23,7 +23,7 @@ neighbours with an approximate table search and, for a few values in a thousand,
 second-nearest of two adjacent codes; those absmax codes then differ from ours by one step.
 
 Everything here is a pure function on tensors. ``bitsandbytes`` is imported lazily, only by
-`bnb_quant_state`, which hands our tensors to its kernels.
+`bnb_quant_state` / `bnb_dequantize`, which hand our tensors to its kernels.
 """
 from __future__ import annotations
 
@@ -176,8 +176,10 @@ def nf4_dequantize(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.T
 def bnb_quant_state(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> Any:
     """A ``bitsandbytes.functional.QuantState`` over our tensors (no copies), for its kernels.
 
-    With it, ``bnb.functional.dequantize_4bit(q.packed, state)`` and ``bnb.matmul_4bit`` read
-    our packed weight directly. ``dtype`` is the dtype bitsandbytes dequantises to.
+    ``dtype`` is the dtype bitsandbytes dequantises to. The state describes the *flat* tensor
+    (numel,): bitsandbytes 0.50's CPU dequantisation kernel treats each row of an (m, n) state
+    as starting a new block and so scales rows wrongly when n is not a multiple of the
+    blocksize; on the flat view every kernel agrees with the (flat) quantisation.
     """
     from bitsandbytes.functional import QuantState  # lazy: importing bitsandbytes prints warnings
 
@@ -187,6 +189,13 @@ def bnb_quant_state(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> Any:
         state2 = QuantState(absmax=q.absmax_scale, code=dynamic_code().to(device), blocksize=ABSMAX_BLOCKSIZE,
                             dtype=torch.float32)
     return QuantState(
-        absmax=q.absmax, shape=q.shape, dtype=dtype or q.dtype, blocksize=q.blocksize, code=nf4_code(device),
-        quant_type="nf4", offset=q.absmax_offset, state2=state2,
+        absmax=q.absmax, shape=torch.Size([q.numel]), dtype=dtype or q.dtype, blocksize=q.blocksize,
+        code=nf4_code(device), quant_type="nf4", offset=q.absmax_offset, state2=state2,
     )
+
+
+def bnb_dequantize(q: NF4Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """`nf4_dequantize` computed by ``bitsandbytes.functional.dequantize_4bit`` (its CPU/CUDA kernels)."""
+    from bitsandbytes.functional import dequantize_4bit  # lazy, see bnb_quant_state
+
+    return dequantize_4bit(q.packed, bnb_quant_state(q, dtype)).view(q.shape)

@@ -10,8 +10,9 @@ base layers into the inputs (and from there into the LoRA adapters), never into 
   ``kv_b_proj.weight``) still works.
 - `NF4Experts`: the stacked routed experts of `model.moe.StackedExperts`, each expert matrix
   quantised on its own; routing and dispatch are StackedExperts' own.
-- Backends: ``"torch"`` (our dequantisation), ``"bnb"`` (``bitsandbytes.matmul_4bit`` on the same
-  bytes) or ``"auto"`` (bnb on CUDA when it is installed, else torch).
+- Backends: ``"torch"`` (our dequantisation), ``"bnb"`` (``bitsandbytes.functional.dequantize_4bit``
+  on the same bytes) or ``"auto"`` (bnb on CUDA when it is installed, else torch); the matmul
+  is ``F.linear`` either way.
 - `quantize_model` swaps a model's linears and experts in place; `weight_bytes` reports what
   the weights take in memory.
 """
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.moe import StackedExperts
-from model.nf4 import NF4_BLOCKSIZE, NF4Tensor, bnb_quant_state, nf4_dequantize, nf4_quantize
+from model.nf4 import NF4_BLOCKSIZE, NF4Tensor, bnb_dequantize, nf4_dequantize, nf4_quantize
 
 Backend = Literal["auto", "torch", "bnb"]
 BACKENDS = ("auto", "torch", "bnb")
@@ -73,16 +74,10 @@ def nf4_linear(
 
     x: (..., in), q: an NF4 (out, in) matrix -> (..., out). The weight gets no gradient.
     """
-    h = x.to(compute_dtype)
-    b = None if bias is None else bias.to(compute_dtype)
-    if resolve_backend(backend, x.device) == "bnb":
-        import bitsandbytes as bnb  # lazy: importing bitsandbytes prints warnings
-
-        out = bnb.matmul_4bit(h, q.packed, bnb_quant_state(q, compute_dtype), bias=b)
-    else:
-        out = _DequantMatmul.apply(h, lambda: nf4_dequantize(q, compute_dtype))
-        if b is not None:
-            out = out + b
+    dequantize = bnb_dequantize if resolve_backend(backend, x.device) == "bnb" else nf4_dequantize
+    out = _DequantMatmul.apply(x.to(compute_dtype), lambda: dequantize(q, compute_dtype))
+    if bias is not None:
+        out = out + bias.to(compute_dtype)
     return out.to(x.dtype)
 
 
@@ -125,10 +120,6 @@ class NF4Weight(nn.Module):
     def dequantize(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """All S matrices, dense: (S, out, in)."""
         return torch.stack([nf4_dequantize(self[i], dtype) for i in range(len(self))])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _apply(self, fn, recurse=True):
         # casts (model.to(torch.bfloat16)) must not round the block scales: move them, never cast them
@@ -182,7 +173,8 @@ class NF4Linear(nn.Module):
 
 
 def expert_forward(
-    weights: Sequence, x: torch.Tensor, act: Callable, is_glu: bool, linear: Callable[[torch.Tensor, object], torch.Tensor]
+    weights: Sequence, x: torch.Tensor, act: Callable, is_glu: bool,
+    linear: Callable[[torch.Tensor, object], torch.Tensor],
 ) -> torch.Tensor:
     """One expert, ``down(act(gate(x)) * up(x))`` (GLU) or ``down(act(up(x)))``, with matmuls by ``linear``.
 
@@ -228,10 +220,6 @@ class NF4Experts(StackedExperts):
 
     def expert(self, weights: tuple[NF4Tensor, ...], x: torch.Tensor) -> torch.Tensor:
         return expert_forward(weights, x, self.act, self.is_glu, self.linear)
-
-    def dequantized(self, name: str) -> torch.Tensor:
-        """The dense stacked matrix ``name`` (E, ...) in the compute dtype."""
-        return getattr(self, name).dequantize(self.compute_dtype)
 
 
 def expert_proj_names(experts: StackedExperts) -> tuple[str, ...]:

@@ -75,6 +75,7 @@ def test_double_quant_by_hand() -> None:
     assert q.absmax_offset.item() == 1.0 and q.absmax_scale.tolist() == [0.5]  # max |absmax - mean| = 0.5
     # (absmax - mean) / 0.5 = [-1, 1]: the nearest dynamic codes are the first (-0.99297) and the last (1.0)
     assert q.absmax.tolist() == [0, 255]
+    assert q.nbytes == 64 + 2 + 4 + 4  # 128 nibbles, 2 one-byte scales, their fp32 scale and offset
     code = dynamic_code()
     assert torch.equal(nf4_absmax(q), torch.stack([code[0] * 0.5 + 1.0, torch.tensor(1.5)]))
 
@@ -96,9 +97,11 @@ def test_packed_bytes_and_values_equal_bitsandbytes(bnbf, shape, dtype) -> None:
     q = nf4_quantize(w, blocksize=64, double_quant=False)
     assert torch.equal(q.packed, packed.view(-1))
     assert torch.equal(q.absmax, state.absmax)
+    # dequantise the flat view: bitsandbytes 0.50's CPU kernel mis-scales (m, n) rows when n % 64 != 0
+    state.shape = torch.Size([w.numel()])
     for out_dtype in (torch.float32, torch.bfloat16):
         state.dtype = out_dtype
-        assert torch.equal(nf4_dequantize(q, out_dtype), bnbf.dequantize_4bit(packed, state))
+        assert torch.equal(nf4_dequantize(q, out_dtype).view(-1), bnbf.dequantize_4bit(packed, state).view(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -116,7 +119,7 @@ def test_double_quant_equals_bitsandbytes(bnbf, shape, dtype) -> None:
     # bitsandbytes' kernels on our stored bytes give our dequantised values exactly
     for out_dtype in (torch.float32, torch.bfloat16):
         theirs = bnbf.dequantize_4bit(q.packed.view(-1, 1), bnb_quant_state(q, out_dtype))
-        assert torch.equal(nf4_dequantize(q, out_dtype), theirs)
+        assert torch.equal(nf4_dequantize(q, out_dtype).view(-1), theirs.view(-1))
 
 
 def nf4_absmax_raw(w: torch.Tensor) -> torch.Tensor:
@@ -124,7 +127,8 @@ def nf4_absmax_raw(w: torch.Tensor) -> torch.Tensor:
 
 
 def _assert_8bit_codes_match(ours, theirs, absmax, offset, scale) -> None:
-    """Codes equal, except where bitsandbytes' CPU table search kept the second-nearest neighbour."""
+    """Codes equal, except where bitsandbytes' CPU table search missed the nearest code (a few in a
+    thousand: near 0, where the dynamic code is densest, it can be off by a few codes of ~1e-6)."""
     code = dynamic_code()
     block_scale = scale.repeat_interleave(256)[: absmax.numel()]
     x = (absmax - offset) / block_scale.clamp(min=1e-38)  # normalised to [-1, 1]
@@ -133,8 +137,8 @@ def _assert_8bit_codes_match(ours, theirs, absmax, offset, scale) -> None:
     assert diff.numel() <= max(1, absmax.numel() // 100), f"{diff.numel()} of {absmax.numel()} codes differ"
     for i in diff.tolist():
         a, b = int(ours[i]), int(theirs[i])
-        assert abs(a - b) == 1  # neighbours
-        assert (x[i] - code[a]).abs() <= (x[i] - code[b]).abs()  # and ours is the nearer one
+        assert (x[i] - code[a]).abs() < (x[i] - code[b]).abs()  # ours is the nearer code
+        assert (code[a] - code[b]).abs() < 0.02  # and theirs is close by
 
 
 def test_double_quant_codes_on_a_large_layer(bnbf) -> None:

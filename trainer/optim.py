@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from trainer.distributed import unwrap
 from utils.config import TrainingConfig
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic, tuned for maximal slope at zero (Jordan 2024)
@@ -178,8 +179,6 @@ def classify_params(
     ``requires_grad``. Embeddings are found by module type (`nn.Embedding`), heads by the
     module name ``lm_head`` (the model's naming contract).
     """
-    from trainer.distributed import unwrap
-
     base = unwrap(model)
     keep = None if trainable is None else {id(p) for p in trainable}
     io_ids: set[int] = set()
@@ -211,28 +210,25 @@ def build_optimizer(
     Call it after `trainer.distributed.wrap_model` (FSDP2 replaces parameters by DTensors).
     Every group carries ``base_lr``; `lr` starts at ``base_lr`` until `set_lr` is called.
     """
-    parts = classify_params(model, trainable)
+    parts = {k: [p for _, p in named] for k, named in classify_params(model, trainable).items()}
     if not any(parts.values()):
         raise ValueError("no trainable parameters to optimise")
-    decay_wd, adam_lr = tcfg.weight_decay, tcfg.learning_rate
+    wd, adam_lr = tcfg.weight_decay, tcfg.learning_rate
     adamw = dict(betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
 
-    def group(key: str, lr: float, wd: float, **extra) -> list[dict]:
-        params = [p for _, p in parts[key]]
-        return [dict(params=params, lr=lr, base_lr=lr, weight_decay=wd, **extra)] if params else []
+    def group(params: list[nn.Parameter], lr: float, weight_decay: float, **extra) -> list[dict]:
+        return [dict(params=params, lr=lr, base_lr=lr, weight_decay=weight_decay, **extra)] if params else []
 
     if tcfg.optimizer == "adamw":
-        parts = {"decay": parts["hidden"] + parts["embed_head"], "no_decay": parts["no_decay"]}
-        groups = group("decay", adam_lr, decay_wd) + group("no_decay", adam_lr, 0.0)
+        groups = group(parts["hidden"] + parts["embed_head"], adam_lr, wd) + group(parts["no_decay"], adam_lr, 0.0)
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=adam_lr, **adamw, fused=on_cuda, foreach=not on_cuda)
-    groups = (
-        group("hidden", tcfg.muon_learning_rate, decay_wd, use_muon=True, momentum=tcfg.muon_momentum, nesterov=True,
-              ns_steps=NS_STEPS)
-        + group("embed_head", adam_lr, decay_wd, use_muon=False, **adamw)
-        + group("no_decay", adam_lr, 0.0, use_muon=False, **adamw)
+    muon = dict(use_muon=True, momentum=tcfg.muon_momentum, nesterov=True, ns_steps=NS_STEPS)
+    return Muon(
+        group(parts["hidden"], tcfg.muon_learning_rate, wd, **muon)
+        + group(parts["embed_head"], adam_lr, wd, use_muon=False, **adamw)
+        + group(parts["no_decay"], adam_lr, 0.0, use_muon=False, **adamw)
     )
-    return Muon(groups)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:

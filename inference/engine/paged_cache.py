@@ -1,0 +1,261 @@
+"""The paged KV cache of the inference engine: one preallocated block pool, shared by all sequences.
+
+PagedAttention (Kwon et al., 2023, "Efficient Memory Management for Large Language Model
+Serving with PagedAttention"): the cache of every layer is a pool of fixed-size blocks of
+``block_size`` token slots; a sequence's ``block_table`` (from the block manager) lists its
+blocks, block k holding positions [k * block_size, (k + 1) * block_size). Memory is taken a
+block at a time, so sequences of any length share one pool without fragmentation, and full
+blocks with the same prefix are shared (prefix caching). The pool is sized once, from a memory
+budget (`num_blocks_for_budget`), and never grows.
+
+What a layer keeps per token slot:
+- MHA / GQA / MQA and sliding window: rotated key and value, each (n_kv_heads, head_dim);
+  sliding-window layers keep every block and mask the keys outside the window.
+- MLA (DeepSeek-V2): the normalised latent c_kv (kv_lora_rank,) and the rotated shared RoPE key
+  (qk_rope_head_dim,); decode steps attend over them in latent space (absorbed projections).
+- Linear attention (Katharopoulos et al., 2020): nothing per token; a recurrent state (S, z)
+  per sequence slot (``seq.slot``), reset when a chunk starts at position 0. Blocks are then
+  only bookkeeping and prefix caching must be off.
+
+A model step is described by a `StepBatch` (built once per forward, shared by every layer):
+where the new entries go (``write_slots``), which slots each row reads back (``gather_slots``:
+positions 0 .. S - 1 of the row, S the longest context of the batch, padding read from a
+scratch block), the positions of the queries and keys and the attention masks. The layer
+objects (`PagedKVLayer`, `PagedStateLayer`) follow the paged contract of `model.cache`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from model.cache import KVCache
+from model.config import ModelConfig
+
+CPU_KV_CACHE_MB = 256  # default budget on CPU / MPS: cache memory is the machine's RAM
+GPU_KV_CACHE_FRACTION = 0.5  # default budget on CUDA: this fraction of the free memory (weights loaded)
+
+
+# ---------------------------------------------------------------------------- sizing
+def cache_entry_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
+    """Shapes of what one layer stores per token slot (empty for linear attention)."""
+    if cfg.attention_type == "mla":
+        return [(cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)]
+    if cfg.attention_type == "linear":
+        return []
+    return [(cfg.kv_heads, cfg.attn_head_dim), (cfg.kv_heads, cfg.attn_head_dim)]
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes over all layers (0 for linear attention)."""
+    per_layer = sum(torch.Size(shape).numel() for shape in cache_entry_shapes(cfg))
+    return cfg.n_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+def default_kv_cache_bytes(device: torch.device) -> int:
+    """The budget when none is given: half the free accelerator memory on CUDA (call it after the
+    weights are loaded), `CPU_KV_CACHE_MB` on CPU and MPS."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_KV_CACHE_FRACTION)
+    return CPU_KV_CACHE_MB * 2**20
+
+
+def num_blocks_for_budget(budget_bytes: int, bytes_per_token: int, block_size: int) -> int:
+    """How many blocks of ``block_size`` tokens fit in ``budget_bytes``."""
+    return budget_bytes // (bytes_per_token * block_size)
+
+
+# ---------------------------------------------------------------------------- one step
+def step_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int] = None) -> torch.Tensor:
+    """(B, 1, T, S) bool, True = attend: key at k_pos visible to query at q_pos when it is not
+    padding (k_pos >= 0), not in the future and, with a window, one of the ``window`` latest.
+
+    q_pos: (B, T) query positions; k_pos: (B, S) key positions, -1 = padding.
+    """
+    q, k = q_pos[:, :, None], k_pos[:, None, :]  # (B, T, 1), (B, 1, S)
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible = visible & (q - k < window)
+    return visible[:, None]
+
+
+@dataclass
+class StepBatch:
+    """Where one forward reads and writes the cache. Rows are right-padded to T new tokens and
+    S context positions; a padding query repeats its row's last position (so it always sees a
+    key: no all-masked row), its write goes to the scratch slot."""
+
+    positions: torch.Tensor  # (B, T) long, position of each new token
+    token_mask: torch.Tensor  # (B, T) bool, False for padding
+    write_slots: torch.Tensor  # (B * T,) long, pool slot of each new token (padding: scratch)
+    gather_slots: torch.Tensor  # (B, S) long, pool slot of each row's positions 0 .. S - 1
+    context_lens: torch.Tensor  # (B,) long, positions a row has after this step (its keys)
+    state_slots: torch.Tensor  # (B,) long, the rows' sequence slots (linear-attention state)
+    fresh: torch.Tensor  # (B,) bool, the row's chunk starts at position 0 (state reset)
+    no_padding: bool  # every row has T new tokens and S keys
+    all_from_start: bool  # every row starts at position 0 (then keys are the queries, S == T)
+    _masks: dict = field(default_factory=dict)
+    _key_positions: Optional[torch.Tensor] = None
+
+    @property
+    def key_positions(self) -> torch.Tensor:  # (B, S), -1 = padding
+        if self._key_positions is None:
+            idx = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)
+            self._key_positions = torch.where(idx < self.context_lens[:, None], idx, -1)
+        return self._key_positions
+
+    def mask(self, window: Optional[int] = None, force: bool = False) -> tuple[Optional[torch.Tensor], bool]:
+        """The attention mask of this step for layers with ``window`` (None = full attention),
+        built once and shared by the layers; `model.attention.build_mask`'s fast answers
+        ``(None, False)`` (every key visible) / ``(None, True)`` (plain causal) where exact."""
+        seq_len, ctx = self.positions.shape[1], self.gather_slots.shape[1]
+        if not force and self.no_padding and (window is None or ctx <= window):
+            if seq_len == 1:
+                return None, False
+            if self.all_from_start:
+                return None, True
+        key = (window, force)
+        if key not in self._masks:
+            self._masks[key] = step_mask(self.positions, self.key_positions, window)
+        return self._masks[key], False
+
+
+def build_step(
+    starts: list[int],
+    lens: list[int],
+    block_tables: list[list[int]],
+    state_slots: list[Optional[int]],
+    block_size: int,
+    scratch_block: int,
+    device: torch.device,
+) -> StepBatch:
+    """The `StepBatch` of rows that compute ``lens[b]`` tokens from position ``starts[b]``."""
+    ends = [s + n for s, n in zip(starts, lens)]
+    seq_len, ctx = max(lens), max(ends)
+    nb = -(-ctx // block_size)
+    tables = torch.tensor([t[:nb] + [scratch_block] * (nb - len(t[:nb])) for t in block_tables], device=device)
+    start = torch.tensor(starts, device=device)[:, None]  # (B, 1)
+    end = torch.tensor(ends, device=device)  # (B,)
+    idx_t = torch.arange(seq_len, device=device)
+    idx_s = torch.arange(ctx, device=device)
+    positions = torch.minimum(start + idx_t, end[:, None] - 1)  # (B, T), padding repeats the last
+    token_mask = idx_t < torch.tensor(lens, device=device)[:, None]  # (B, T)
+    gather = tables.repeat_interleave(block_size, dim=1)[:, :ctx] * block_size + idx_s % block_size  # (B, S)
+    write = gather.gather(1, positions)  # (B, T)
+    no_padding = all(n == seq_len for n in lens) and all(e == ctx for e in ends)
+    if not no_padding:
+        write = torch.where(token_mask, write, scratch_block * block_size)
+    slots = [s if s is not None else 0 for s in state_slots]
+    return StepBatch(
+        positions=positions, token_mask=token_mask, write_slots=write.reshape(-1), gather_slots=gather,
+        context_lens=end, state_slots=torch.tensor(slots, device=device),
+        fresh=start[:, 0] == 0, no_padding=no_padding, all_from_start=all(s == 0 for s in starts),
+    )
+
+
+# ---------------------------------------------------------------------------- layer caches
+class PagedKVLayer:
+    """One layer's pools (num_slots, *entry) (k and v, or MLA's c_kv and k_pe); paged contract."""
+
+    paged = True
+
+    def __init__(self, owner: "PagedKVCache", pools: list[torch.Tensor]) -> None:
+        self.owner = owner
+        self.pools = pools
+
+    def update(self, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write ``new`` (each (B, T, *entry)) at the step's slots; return (B, S, *entry) gathers."""
+        step = self.owner.step
+        out = []
+        for pool, x in zip(self.pools, new):
+            pool.index_copy_(0, step.write_slots, x.reshape(-1, *pool.shape[1:]))
+            out.append(pool[step.gather_slots])
+        return tuple(out)
+
+    @property
+    def key_positions(self) -> torch.Tensor:
+        return self.owner.step.key_positions
+
+    def mask(self, window: Optional[int] = None, force: bool = False) -> tuple[Optional[torch.Tensor], bool]:
+        return self.owner.step.mask(window, force)
+
+
+class PagedStateLayer:
+    """One linear-attention layer's recurrent state per sequence slot: S (slots, H, d, d), z (slots, H, d)."""
+
+    paged = True
+
+    def __init__(self, owner: "PagedKVCache", s: torch.Tensor, z: torch.Tensor) -> None:
+        self.owner = owner
+        self.s, self.z = s, z
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        return self.owner.step.token_mask
+
+    def read_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        step = self.owner.step
+        keep = (~step.fresh).to(self.s.dtype)  # (B,) 0 resets a row starting at position 0
+        s = self.s[step.state_slots] * keep[:, None, None, None]  # (B, H, d, d)
+        z = self.z[step.state_slots] * keep[:, None, None]  # (B, H, d)
+        return s, z
+
+    def write_state(self, s: torch.Tensor, z: torch.Tensor) -> None:
+        step = self.owner.step
+        self.s.index_copy_(0, step.state_slots, s.to(self.s.dtype))
+        self.z.index_copy_(0, step.state_slots, z.to(self.z.dtype))
+
+
+class PagedKVCache(KVCache):
+    """The whole model's paged cache: ``num_blocks`` blocks (+ 1 scratch block for padding writes)
+    of ``block_size`` slots in every layer, and per-slot recurrent states for linear attention.
+
+    Set ``step`` (a `StepBatch`, see `build_step`) before each forward.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
+        self.scratch_block = num_blocks  # padding tokens write here; never part of a block table
+        self.step: Optional[StepBatch] = None
+        num_slots = (num_blocks + 1) * block_size
+        self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
+        layers: list = []
+        if cfg.attention_type == "linear":
+            state_dtype = torch.promote_types(dtype, torch.float32)
+            hd = cfg.attn_head_dim
+            for _ in range(cfg.n_layers):
+                s = torch.zeros(max_num_seqs, cfg.n_heads, hd, hd, device=device, dtype=state_dtype)
+                z = torch.zeros(max_num_seqs, cfg.n_heads, hd, device=device, dtype=state_dtype)
+                layers.append(PagedStateLayer(self, s, z))
+        else:
+            shapes = cache_entry_shapes(cfg)
+            for _ in range(cfg.n_layers):
+                pools = [torch.zeros(num_slots, *shape, device=device, dtype=dtype) for shape in shapes]
+                layers.append(PagedKVLayer(self, pools))
+        super().__init__(layers)
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of every pool and state tensor (the scratch block included)."""
+        total = 0
+        for layer in self.layers:
+            tensors = layer.pools if isinstance(layer, PagedKVLayer) else [layer.s, layer.z]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+    def begin_step(
+        self, starts: list[int], lens: list[int], block_tables: list[list[int]], state_slots: list[Optional[int]]
+    ) -> StepBatch:
+        """Describe the next forward (see `build_step`) and make it the current step."""
+        self.step = build_step(starts, lens, block_tables, state_slots, self.block_size, self.scratch_block, self.device)
+        return self.step
