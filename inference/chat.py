@@ -141,6 +141,8 @@ def one_shot(args: argparse.Namespace, engine: Any, system: list[dict[str, str]]
 
 
 def interactive(args: argparse.Namespace, engine: Any, system: list[dict[str, str]], name: str) -> None:
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (importing it gives input() line editing and history)
     print(f"chatting with {name} (context {engine.max_model_len} tokens). "
           f"/reset forgets the conversation, /quit leaves.", flush=True)
     history: list[dict[str, str]] = []
@@ -177,6 +179,8 @@ def interactive(args: argparse.Namespace, engine: Any, system: list[dict[str, st
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not Path(args.checkpoint).is_dir():  # fail before the slow imports
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
     build_params(args, args.max_new_tokens, [])  # bad flags fail before the model loads
     from inference.engine.llm_engine import LLMEngine
 

@@ -62,6 +62,8 @@ def check_bindable(host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if not Path(args.checkpoint).is_dir():  # fail before the slow imports
+        raise UserError(f"checkpoint not found: {args.checkpoint}")
     check_bindable(args.host, args.port)
     import uvicorn  # heavy imports after the argument checks
 

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import assert_user_error, run_script
+from utils.errors import UserError
 from utils.paths import REPO_ROOT
 from serving_fixtures import make_checkpoint
 
@@ -47,9 +48,15 @@ def test_missing_checkpoint_is_a_user_error(tmp_path):
     assert_user_error(proc, "nope")
 
 
-def test_bad_sampling_flag_is_a_user_error(ckpt):
-    proc = run_script(["inference/chat.py", "--checkpoint", str(ckpt), "--top_p", "1.5", "--prompt", "hi"])
-    assert_user_error(proc, "top_p")
+def test_bad_checkpoint_is_a_user_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="checkpoint"):
+        chat.main(["--checkpoint", str(tmp_path), "--prompt", "hi"])
+
+
+def test_bad_sampling_flag_fails_before_the_model_loads(tmp_path):
+    with pytest.raises(UserError, match="top_p"):  # an empty dir: the model is never loaded
+        chat.main(["--checkpoint", str(tmp_path), "--top_p", "1.5", "--prompt", "hi"])
 
 
 def test_one_shot_prompt_prints_the_reply(ckpt, engine):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -129,8 +130,10 @@ def test_completions(served, client):
 def test_stop_sequences(served, client):
     kw = dict(model=MODEL, prompt="The cat", temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
     full = client.completions.create(**kw).choices[0].text
-    assert len(full) >= 8, full
-    stop = full[len(full) // 2: len(full) // 2 + 3]
+    # a random model writes mostly stray bytes: stop at its first 3 ASCII letters after the start
+    found = re.search(r"[A-Za-z0-9_]{3}", full[1:])
+    assert found, full
+    stop = found.group()
     expected = full[: full.index(stop)]
     cut = client.completions.create(**kw, stop=[stop, "never-appears"]).choices[0]
     assert cut.text == expected and cut.finish_reason == "stop"

@@ -100,6 +100,10 @@ class StepBatch:
     _key_positions: Optional[torch.Tensor] = None
 
     @property
+    def flat_gather_slots(self) -> torch.Tensor:  # (B * S,)
+        return self.gather_slots.view(-1)
+
+    @property
     def key_positions(self) -> torch.Tensor:  # (B, S), -1 = padding
         if self._key_positions is None:
             idx = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)
@@ -168,10 +172,11 @@ class PagedKVLayer:
     def update(self, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write ``new`` (each (B, T, *entry)) at the step's slots; return (B, S, *entry) gathers."""
         step = self.owner.step
+        batch, ctx = step.gather_slots.shape
         out = []
         for pool, x in zip(self.pools, new):
             pool.index_copy_(0, step.write_slots, x.reshape(-1, *pool.shape[1:]))
-            out.append(pool[step.gather_slots])
+            out.append(pool.index_select(0, step.flat_gather_slots).view(batch, ctx, *pool.shape[1:]))
         return tuple(out)
 
     @property

@@ -114,7 +114,7 @@ class AsyncEngine:
         self.engine = engine
         self._cv = threading.Condition()
         self._commands: deque[Callable[[], None]] = deque()
-        self._sinks: dict[str, _Sink] = {}  # touched only by the engine thread
+        self._sinks: dict[str, _Sink] = {}  # written only by the engine thread
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._ids = itertools.count()

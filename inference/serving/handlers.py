@@ -12,6 +12,7 @@ cut from the text) or `length`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, AsyncIterator, Awaitable, Optional, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from data_pipeline.formats import IM_END
 from inference.engine.sampling import SamplingParams
@@ -28,6 +30,7 @@ from inference.serving.protocol import (
     ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
     CompletionRequest, Delta, ErrorDetail, ErrorResponse, TokenLogprob, TopLogprob, Usage, sse,
 )
+from utils.errors import UserError
 
 T = TypeVar("T")
 
@@ -54,6 +57,8 @@ class ServingContext:
     im_end_id: Optional[int] = field(init=False)
 
     def __post_init__(self) -> None:
+        if self.engine.tokenizer is None:
+            raise UserError("this checkpoint has no tokenizer.json: the server needs one to read and write text")
         self.vocab_size = self.engine.tokenizer.get_vocab_size(with_added_tokens=True)
         self.im_end_id = self.engine.tokenizer.token_to_id(IM_END)
 
@@ -67,17 +72,16 @@ class ServingContext:
 
 
 # ---------------------------------------------------------------------------- request → engine
-def max_tokens_for(ctx: ServingContext, prompt_len: int, requested: Optional[int], param: str) -> int:
-    """The completion budget: `requested`, or the rest of the context when None. Raises a 400
-    when the prompt alone fills the context or prompt + budget exceeds it (as OpenAI does)."""
+def max_tokens_for(ctx: ServingContext, prompt_len: int, requested: Optional[int], param: str) -> Optional[int]:
+    """The completion budget: `requested`, or None (the engine runs to the end of the context or
+    KV pool). Raises a 400 when the prompt alone fills the context or prompt + budget exceeds it
+    (as OpenAI does)."""
     ctx_len = ctx.engine.max_model_len
     if prompt_len >= ctx_len:
         raise ApiError(400, f"This model's maximum context length is {ctx_len} tokens, but the prompt has "
                             f"{prompt_len} tokens. Please reduce the length of the {param}.",
                        param, "context_length_exceeded")
-    if requested is None:
-        return ctx_len - prompt_len
-    if prompt_len + requested > ctx_len:
+    if requested is not None and prompt_len + requested > ctx_len:
         raise ApiError(400, f"This model's maximum context length is {ctx_len} tokens. However, you requested "
                             f"{prompt_len + requested} tokens ({prompt_len} in the {param}, {requested} in the "
                             f"completion). Please reduce the length of the {param} or completion.",
@@ -85,7 +89,7 @@ def max_tokens_for(ctx: ServingContext, prompt_len: int, requested: Optional[int
     return requested
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: Optional[int],
+def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: Optional[int], logprobs: Optional[int],
                     stop_token_ids: list[int], choice: int) -> SamplingParams:
     try:
         return SamplingParams(
@@ -108,8 +112,9 @@ async def submit(ctx: ServingContext, pairs: list[tuple[list[int], SamplingParam
         raise ApiError(400, str(e).strip().splitlines()[0]) from None
 
 
-async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response:
-    """Await `work`, cancelling it (which aborts its sequences) if the client goes away first."""
+async def until_disconnect(request: Request, stream: GenerationStream, work: Awaitable[T]) -> T | Response:
+    """Await `work` (which consumes `stream`); if the client goes away first, cancel it and
+    abort the stream's sequences."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -118,14 +123,26 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T | Response
 
     watch = asyncio.ensure_future(disconnected())
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if task not in done:  # the client left
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        stream.abort()  # (the work may have been cancelled before it entered `async with stream`)
         return Response(status_code=499)  # nobody is listening any more
     return task.result()
+
+
+def event_stream(stream: GenerationStream, events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events. The generator aborts its sequences when the client disconnects
+    mid-stream; the background abort covers a disconnect before the generator ever started."""
+    async def abort() -> None:  # async: runs on the event loop, not in a worker thread
+        stream.abort()
+
+    return StreamingResponse(events, media_type="text/event-stream", background=BackgroundTask(abort))
 
 
 def _error_event(e: Exception) -> str:
@@ -182,9 +199,8 @@ async def chat_completion(ctx: ServingContext, req: ChatCompletionRequest, reque
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_chat_events(ctx, stream, rid, req.n, len(prompt), include_usage, req.logprobs),
-                                 media_type="text/event-stream")
-    return await until_disconnect(request, _chat_collect(ctx, stream, rid, req.n, len(prompt), req.logprobs))
+        return event_stream(stream, _chat_events(ctx, stream, rid, req.n, len(prompt), include_usage, req.logprobs))
+    return await until_disconnect(request, stream, _chat_collect(ctx, stream, rid, req.n, len(prompt), req.logprobs))
 
 
 async def _chat_collect(ctx: ServingContext, stream: GenerationStream, rid: str, n: int, prompt_len: int,
@@ -272,10 +288,9 @@ async def completion(ctx: ServingContext, req: CompletionRequest, request: Reque
     prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_completion_events(ctx, stream, rid, prompt_tokens, include_usage, req.logprobs),
-                                 media_type="text/event-stream")
-    return await until_disconnect(request, _completion_collect(ctx, stream, rid, len(pairs), prompt_tokens,
-                                                               req.logprobs))
+        return event_stream(stream, _completion_events(ctx, stream, rid, prompt_tokens, include_usage, req.logprobs))
+    return await until_disconnect(request, stream, _completion_collect(ctx, stream, rid, len(pairs), prompt_tokens,
+                                                                       req.logprobs))
 
 
 async def _completion_collect(ctx: ServingContext, stream: GenerationStream, rid: str, n: int,

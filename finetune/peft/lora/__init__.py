@@ -1,0 +1,1 @@
+"""LoRA SFT: `sft_lora_train.py`."""

@@ -1,0 +1,1 @@
+"""QLoRA SFT: `sft_qlora_train.py`."""

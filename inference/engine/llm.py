@@ -1,0 +1,82 @@
+"""The offline generation API: a list of prompts in, a list of completions out.
+
+`LLM(checkpoint).generate(prompts, SamplingParams(...))` runs every prompt through one
+`LLMEngine` (continuous batching: all requests share the batch and the paged KV cache) until
+each has finished, and returns the results in the order of the prompts. Used by scripts,
+evaluation and RL rollouts; interactive use (streaming, aborting) talks to `LLMEngine` directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from inference.engine.llm_engine import LLMEngine
+from inference.engine.sampling import SamplingParams
+from inference.engine.speculative import LogprobEntry
+
+
+@dataclass
+class RequestOutput:
+    """One finished completion."""
+
+    request_id: str
+    prompt: Optional[str]  # None when the prompt was given as token ids
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]  # the generated tokens (a final eos / stop token included)
+    finish_reason: Optional[str]  # "stop" | "length"
+    logprobs: Optional[list[LogprobEntry]]  # None unless SamplingParams.logprobs was set
+
+
+class LLM:
+    """An `LLMEngine` with a blocking batch `generate`; ``engine_kwargs`` go to `LLMEngine`."""
+
+    def __init__(self, checkpoint: Union[str, Path], **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(checkpoint, **engine_kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Union[str, list[int], list[Union[str, list[int]]]],
+        params: Union[SamplingParams, list[SamplingParams], None] = None,
+    ) -> list[RequestOutput]:
+        """Complete every prompt (text or token ids); one SamplingParams for all, or one each."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # a single prompt
+        if params is None or isinstance(params, SamplingParams):
+            params = [params if params is not None else SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(engine.add_request(prompt, p))
+        except ValueError:
+            for rid in ids:
+                engine.abort(rid)
+            raise
+        results: dict[str, dict] = {rid: {"text": [], "tokens": [], "logprobs": None, "reason": None} for rid in ids}
+        while engine.has_unfinished():
+            for out in engine.step():
+                r = results.get(out.request_id)
+                if r is None:  # someone else's request on a shared engine
+                    continue
+                r["text"].append(out.new_text)
+                r["tokens"] += out.new_token_ids
+                if out.logprobs is not None:
+                    r["logprobs"] = (r["logprobs"] or []) + out.logprobs
+                if out.finished:
+                    r["reason"] = out.finish_reason
+        outputs = []
+        for rid, prompt in zip(ids, prompts):
+            r = results[rid]
+            prompt_ids = list(prompt) if not isinstance(prompt, str) else engine.tokenizer.encode(
+                prompt, add_special_tokens=False).ids
+            outputs.append(RequestOutput(rid, prompt if isinstance(prompt, str) else None, prompt_ids,
+                                         "".join(r["text"]), r["tokens"], r["reason"], r["logprobs"]))
+        return outputs

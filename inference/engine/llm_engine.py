@@ -1,0 +1,333 @@
+"""The generation engine: requests in, streamed tokens and text out, one `step()` at a time.
+
+`LLMEngine` ties the pieces together (the nano-vllm / vLLM split; Kwon et al., 2023):
+`Scheduler` (continuous batching, Yu et al., 2022 "Orca"; block manager with prefix caching)
+decides what runs; `ModelRunner` runs the model over the paged KV cache; `sample` draws the
+tokens; an optional `SpeculativeDecoder` proposes tokens with a draft model. Each step returns
+a `StepOutput` per sequence that advanced: its new token ids, the new text (incremental
+detokenization, Hugging Face tokenizers), logprobs and whether it finished.
+
+Stop strings follow OpenAI's semantics: the text ends before the first stop string and the
+finish reason is "stop". Text that could still turn into a stop string is held back until it
+cannot. The eos token, or a stop token id, that ends a sequence is in its token ids but not in
+its text. Not thread-safe: one thread owns an engine (see `inference/serving/async_engine.py`).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from tokenizers import Tokenizer
+
+from inference.engine.loading import load_model, resolve_device, resolve_dtype
+from inference.engine.model_runner import ModelRunner, Row
+from inference.engine.paged_cache import (
+    PagedKVCache,
+    default_kv_cache_bytes,
+    kv_bytes_per_token,
+    num_blocks_for_budget,
+)
+from inference.engine.sampling import SamplingParams, make_generator, sample
+from inference.engine.scheduler import Scheduler
+from inference.engine.sequence import Sequence
+from inference.engine.speculative import LogprobEntry, SpeculativeDecoder, logprob_entries
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What one request gained in one engine step."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: Optional[str]  # "stop" | "length" | "abort" | None
+    logprobs: Optional[list[LogprobEntry]]  # (token, logprob, top alternatives) per new token; None if not asked
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token list, piece by piece (the prefix/read-offset method of vLLM / TGI).
+
+    Decoding the new tokens together with a few tokens before them keeps word boundaries and
+    multi-byte characters right; text ending in an incomplete UTF-8 character is held back.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.prefix_offset = max(prompt_len - 5, 0)
+        self.read_offset = prompt_len
+
+    def __call__(self, token_ids: list[int], final: bool = False) -> str:
+        """The text added by token_ids[read_offset:]; ``final`` releases incomplete characters."""
+        decode = self.tokenizer.decode
+        before = decode(token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        after = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        return after[len(before) :]
+
+
+def find_stop(text: str, stops: list[str], start: int) -> int:
+    """Index of the earliest stop string in text[start:] (as an index into text), or -1."""
+    found = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(found) if found else -1
+
+
+def partial_stop_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper beginning of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+class _Request:
+    """Engine-side state of one request besides its `Sequence`."""
+
+    def __init__(self, seq: Sequence, tokenizer: Optional[Tokenizer], generator: Optional[torch.Generator]) -> None:
+        self.seq = seq
+        self.generator = generator
+        self.detokenize = IncrementalDetokenizer(tokenizer, len(seq)) if tokenizer is not None else None
+        self.text = ""  # output text so far, cut before a stop string
+        self.emitted = 0  # characters of text already returned
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        checkpoint: Union[str, Path],
+        adapter: Optional[Union[str, Path]] = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        block_size: int = 16,
+        kv_cache_memory_mb: Optional[float] = None,
+        max_num_seqs: int = 32,
+        max_num_batched_tokens: int = 2048,
+        enable_prefix_caching: bool = True,
+        draft_checkpoint: Optional[Union[str, Path]] = None,
+        num_speculative_tokens: int = 4,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        loaded = load_model(checkpoint, self.device, self.dtype, adapter)
+        self.model, self.config = loaded.model, loaded.config
+        self.tokenizer: Optional[Tokenizer] = loaded.tokenizer
+        self._tokenizer_file = loaded.tokenizer_file
+        self._chat_tokenizer = None
+        self.eos_token_id = loaded.eos_token_id
+        self.max_model_len = self.config.max_seq_len
+        if block_size < 1 or max_num_seqs < 1:
+            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size} and {max_num_seqs}")
+
+        linear = self.config.attention_type == "linear"
+        if linear and enable_prefix_caching:
+            log.info("prefix caching is off: linear attention keeps its state outside the KV blocks")
+            enable_prefix_caching = False
+        draft = None
+        if draft_checkpoint is not None:
+            if linear:
+                raise UserError("speculative decoding needs a KV-cache model; linear attention cannot roll back "
+                                "rejected drafts")
+            draft = load_model(draft_checkpoint, self.device, self.dtype)
+            if draft.config.vocab_size != self.config.vocab_size:
+                raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the "
+                                f"target's ({self.config.vocab_size}): it must use the same tokenizer")
+            if draft.config.attention_type == "linear":
+                raise UserError("the draft model uses linear attention, which cannot roll back rejected drafts")
+        lookahead = num_speculative_tokens if draft is not None else 0
+
+        num_blocks = self._num_blocks(kv_cache_memory_mb, block_size, max_num_seqs, lookahead,
+                                      draft.config if draft is not None else None)
+        self.scheduler = Scheduler(num_blocks, block_size, self.max_model_len, self.eos_token_id, max_num_seqs,
+                                   max_num_batched_tokens, enable_prefix_caching, lookahead)
+        self.cache = PagedKVCache(self.config, num_blocks, block_size, max_num_seqs, self.device, self.dtype)
+        self.runner = ModelRunner(self.model, self.cache)
+        self.speculative: Optional[SpeculativeDecoder] = None
+        if draft is not None:
+            draft_cache = PagedKVCache(draft.config, num_blocks, block_size, max_num_seqs, self.device, self.dtype)
+            self.speculative = SpeculativeDecoder(ModelRunner(draft.model, draft_cache), num_speculative_tokens)
+        self._requests: dict[str, _Request] = {}
+        self._ids = itertools.count()
+
+    def _num_blocks(self, memory_mb: Optional[float], block_size: int, max_num_seqs: int, lookahead: int,
+                    draft_config: Optional[object]) -> int:
+        """Blocks that fit the budget in MiB (target and draft pools together). Without one: the
+        device default (`default_kv_cache_bytes`), but no more than max_num_seqs sequences of
+        max_model_len can use."""
+        per_token = kv_bytes_per_token(self.config, self.dtype)
+        if draft_config is not None:
+            per_token += kv_bytes_per_token(draft_config, self.dtype)
+        useful = max_num_seqs * -(-(self.max_model_len + lookahead) // block_size)
+        if per_token == 0:  # linear attention: blocks are bookkeeping only
+            return useful
+        if memory_mb is None:
+            return max(1, min(useful, num_blocks_for_budget(default_kv_cache_bytes(self.device), per_token,
+                                                            block_size)))
+        num_blocks = num_blocks_for_budget(int(memory_mb * 2**20), per_token, block_size)
+        if num_blocks < 1:
+            raise UserError(f"kv_cache_memory_mb={memory_mb} holds no block of {block_size} tokens "
+                            f"({per_token * block_size} bytes each)")
+        return num_blocks
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.block_manager.num_free_blocks
+
+    @property
+    def num_total_blocks(self) -> int:
+        return self.scheduler.block_manager.num_blocks
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation in the one chat template, ending with the assistant header."""
+        from data_pipeline.chat import ChatTokenizer, encode_prompt
+
+        if self._chat_tokenizer is None:
+            if self._tokenizer_file is None:
+                raise UserError("this checkpoint has no tokenizer.json: chat needs one")
+            self._chat_tokenizer = ChatTokenizer.wrap(Tokenizer.from_file(str(self._tokenizer_file)))
+        return encode_prompt(self._chat_tokenizer, messages)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None, request_id: Optional[str] = None
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its request id. ValueError (one line) if it
+        can never run (empty, too long for max_model_len or the KV pool, token ids out of range)."""
+        params = params if params is not None else SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer.json: give the prompt as token ids")
+            token_ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        else:
+            token_ids = [int(t) for t in prompt]
+        vocab = self.config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer (this checkpoint has no tokenizer.json)")
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seq = Sequence(request_id, token_ids, params)
+        self.scheduler.add(seq)
+        self._requests[request_id] = _Request(seq, self.tokenizer, make_generator(params.seed, self.device))
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its blocks (unknown or finished ids are ignored)."""
+        self.scheduler.abort(request_id)
+        self._forget(request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        if self.speculative is not None:
+            self.speculative.forget(request_id)
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[StepOutput]:
+        """Run one scheduled batch (a prefill or a decode step); outputs of the sequences that advanced."""
+        out = self.scheduler.schedule()
+        if not out.seqs:
+            return []
+        seqs = out.seqs
+        generators = [self._requests[s.request_id].generator for s in seqs]
+        if self.speculative is not None and not out.is_prefill:
+            new_tokens, entries = self.speculative.decode(seqs, self.runner, generators)
+        else:
+            new_tokens, entries = self._sample_step(seqs, out.is_prefill, generators)
+        lengths = [len(s) for s in seqs]
+        self.scheduler.postprocess(seqs, new_tokens)
+        outputs = []
+        for seq, before, lps in zip(seqs, lengths, entries):
+            request = self._requests.get(seq.request_id)
+            if request is None:
+                continue
+            appended = seq.token_ids[before:]
+            outputs.append(self._output(request, appended, lps[: len(appended)] if lps is not None else None))
+        return outputs
+
+    def _sample_step(
+        self, seqs: list[Sequence], is_prefill: bool, generators: list[Optional[torch.Generator]]
+    ) -> tuple[list[int], list[Optional[list[LogprobEntry]]]]:
+        rows = [Row(s.token_ids[s.num_computed_tokens :], s.num_computed_tokens, s.block_table, s.slot) for s in seqs]
+        logits = self.runner.forward(rows)  # (B, V)
+        if is_prefill and self.speculative is not None:
+            self.speculative.prefill(seqs, rows)
+        result = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], generators,
+                        [s.num_prompt_tokens for s in seqs])
+        tokens = result.token_ids.tolist()
+        entries: list[Optional[list[LogprobEntry]]] = [None] * len(seqs)
+        if any(s.params.logprobs is not None for s in seqs):
+            chosen = result.logprobs.tolist()
+            for b, s in enumerate(seqs):
+                if s.params.logprobs is not None:
+                    top = result.top_logprobs[b] if result.top_logprobs is not None else []
+                    entries[b] = [(tokens[b], chosen[b], top)]
+        return tokens, entries
+
+    def _output(self, request: _Request, appended: list[int], lps: Optional[list[LogprobEntry]]) -> StepOutput:
+        """Detokenize, apply stop strings, build the StepOutput; drop the request when it is done."""
+        seq = request.seq
+        finished = seq.is_finished
+        new_text = ""
+        if request.detokenize is not None:
+            ids = seq.token_ids
+            stops = seq.params.stop
+            if finished and seq.finish_reason == "stop" and self._is_stop_token(seq, ids[-1]):
+                ids = ids[:-1]  # the eos / stop token is not part of the text
+            searched = len(request.text)
+            request.text += request.detokenize(ids, final=finished)
+            if stops:
+                hit = find_stop(request.text, stops, max(0, searched - max(map(len, stops)) + 1))
+                if hit >= 0:
+                    request.text = request.text[:hit]
+                    if finished:
+                        seq.finish_reason = "stop"  # it also hit a length limit in this step
+                    else:
+                        self.scheduler.finish(seq, "stop")
+                        finished = True
+            end = len(request.text)
+            if stops and not finished:
+                end -= partial_stop_len(request.text, stops)
+            new_text = request.text[request.emitted : end]
+            request.emitted = max(request.emitted, end)
+        if finished:
+            self._forget(seq.request_id)
+        logprobs = lps if seq.params.logprobs is not None else None
+        return StepOutput(seq.request_id, appended, new_text, finished, seq.finish_reason if finished else None,
+                          logprobs, seq.num_prompt_tokens, seq.num_completion_tokens)
+
+    def _is_stop_token(self, seq: Sequence, token_id: int) -> bool:
+        eos = token_id == self.eos_token_id and not seq.params.ignore_eos
+        return eos or token_id in seq.params.stop_token_ids
+
+    # ------------------------------------------------------------------ statistics
+    def stats(self) -> dict[str, float]:
+        """KV memory and speculative-decoding counters."""
+        out = {
+            "kv_cache_bytes": float(self.cache.allocated_bytes),
+            "kv_blocks_total": float(self.num_total_blocks),
+            "kv_blocks_used": float(self.scheduler.block_manager.num_used_blocks),
+        }
+        if self.speculative is not None:
+            out.update(spec_proposed=float(self.speculative.num_proposed),
+                       spec_accepted=float(self.speculative.num_accepted),
+                       spec_acceptance_rate=self.speculative.acceptance_rate)
+        return out

@@ -1,0 +1,163 @@
+"""Loading a model for inference: our checkpoint directories, Hugging Face directories, LoRA adapters.
+
+- Our checkpoints (`utils.checkpoint`: config.json with `ModelConfig` fields + model.safetensors,
+  tokenizer files copied beside them).
+- Hugging Face ``transformers`` directories (config.json with a ``model_type``), converted by
+  `model.hf.load_hf_dir`; the tokenizer is the directory's ``tokenizer.json``.
+- ``adapter``: a LoRA adapter directory (PEFT layout, `model.lora_io`) applied on the base weights
+  and merged into them (Hu et al., 2021), so inference runs a plain model at no extra cost.
+
+The model is built on the meta device and takes the loaded tensors as its parameters (no random
+init), then moves to the device and dtype. Every user mistake (missing path, not a checkpoint,
+config or weights that do not fit, bad adapter) is a `UserError` with one line.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from pydantic import ValidationError
+from tokenizers import Tokenizer
+
+from data_pipeline.formats import EOS_TOKEN
+from model.build import keep_fp32_modules
+from model.config import ModelConfig
+from model.transformer import Transformer
+from utils.device import pick_device
+from utils.errors import UserError
+
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+
+
+@dataclass
+class LoadedModel:
+    model: Transformer  # eval mode, on the device, in the dtype
+    config: ModelConfig
+    tokenizer: Optional[Tokenizer]  # None when the directory has no tokenizer.json
+    tokenizer_file: Optional[Path]
+    eos_token_id: Optional[int]
+
+
+def resolve_device(name: Union[str, torch.device]) -> torch.device:
+    """"auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"; unavailable -> UserError."""
+    name = str(name)
+    if name.startswith("cuda:"):
+        index = name.split(":", 1)[1]
+        if not index.isdigit():
+            raise UserError(f"unknown device {name!r} (allowed: auto, cpu, cuda, cuda:N, mps)")
+        if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+            raise UserError(f"device {name} requested but it is not available")
+        return torch.device(name)
+    return pick_device(name)
+
+
+def resolve_dtype(name: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
+    """"auto" (bf16 on GPUs that support it, else fp32), or fp32/float32, bf16/bfloat16, fp16/float16."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"unknown dtype {name!r} (allowed: auto, {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def _load_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(config, our state dict on the CPU, the raw config.json) of a checkpoint or HF directory."""
+    if not path.exists():
+        raise UserError(f"checkpoint not found: {path}")
+    if not (path / "config.json").is_file():
+        raise UserError(f"not a checkpoint directory (no config.json): {path}")
+    raw = _read_json(path / "config.json")
+    if "model_type" in raw:  # a Hugging Face transformers directory
+        from model.hf import HFFormatError, load_hf_dir
+
+        try:
+            cfg, state_dict = load_hf_dir(path)
+        except HFFormatError as e:
+            raise UserError(str(e)) from None
+        return cfg, state_dict, raw
+    from utils.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = ModelConfig(**ckpt.model_config)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "config"
+        raise UserError(f"{path / 'config.json'}: {where}: {first['msg']}") from None
+    return cfg, ckpt.state_dict, raw
+
+
+def _build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: Path) -> Transformer:
+    """A `Transformer` whose parameters are the given tensors (CPU, their own dtype)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    try:
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise UserError(f"the weights in {path} do not fit its config ({detail})") from None
+    return model
+
+
+def _apply_adapter(model: Transformer, cfg: ModelConfig, adapter: Path) -> Transformer:
+    """Load a LoRA adapter on ``model`` and return a plain model with it merged in."""
+    from model.lora_io import load_adapter, merged_state_dict
+
+    if not adapter.is_dir():
+        raise UserError(f"adapter directory not found: {adapter}")
+    try:
+        load_adapter(model, adapter)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(" ".join(str(e).split())) from None
+    return _build(cfg, merged_state_dict(model), adapter)
+
+
+def _tokenizer(path: Path, raw_config: dict) -> tuple[Optional[Tokenizer], Optional[Path], Optional[int]]:
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return None, None, None
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # `tokenizers` raises plain Exceptions for unreadable files
+        raise UserError(f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+    eos = tok.token_to_id(EOS_TOKEN)
+    if eos is None:  # a foreign tokenizer: the model's own eos id
+        eos = raw_config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+    return tok, file, eos if isinstance(eos, int) else None
+
+
+def load_model(
+    checkpoint: Union[str, Path],
+    device: torch.device,
+    dtype: torch.dtype,
+    adapter: Optional[Union[str, Path]] = None,
+) -> LoadedModel:
+    """Load a checkpoint or Hugging Face directory (+ optional LoRA adapter) for inference."""
+    path = Path(checkpoint)
+    cfg, state_dict, raw = _load_weights(path)
+    model = _build(cfg, state_dict, path)
+    if adapter is not None:
+        model = _apply_adapter(model, cfg, Path(adapter))
+    model = keep_fp32_modules(model.to(device=device, dtype=dtype)).eval()
+    model.requires_grad_(False)
+    tok, tok_file, eos = _tokenizer(path, raw)
+    return LoadedModel(model, cfg, tok, tok_file, eos)

@@ -1,0 +1,66 @@
+"""Runs the model over the paged KV cache for a batch of sequences (prefill or decode).
+
+Each row of a batch computes a run of new tokens from some position on: a prefill its prompt
+minus the prefix-cache hit, a decode step its last token, a speculative verification its last
+token plus the draft tokens. Rows are right-padded into one (B, T) batch; the `StepBatch` of
+`inference.engine.paged_cache` tells every attention layer where to write the new K/V and which
+slots of the block pool hold each row's context (Kwon et al., 2023). Logits are computed only
+where they are needed (the last token of each row, or every token for verification), so a long
+prefill never pays for a (T, vocab) head.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from inference.engine.paged_cache import PagedKVCache
+from model.transformer import Transformer
+
+PAD_TOKEN_ID = 0  # any valid id: padding positions are masked out and their K/V go to scratch
+
+
+@dataclass
+class Row:
+    """What one sequence computes in a forward."""
+
+    token_ids: list[int]  # the new tokens
+    start: int  # position of token_ids[0]; positions [0, start) already have K/V in the pool
+    block_table: list[int]  # covers positions [0, start + len(token_ids))
+    slot: Optional[int] = None  # sequence slot (linear-attention state)
+
+
+class ModelRunner:
+    """A model and its paged cache; `forward` runs one batch of rows."""
+
+    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = cache.device
+
+    @torch.inference_mode()
+    def forward(self, rows: list[Row], logits: str = "last") -> Optional[torch.Tensor]:
+        """Compute every row's new tokens, writing their K/V into the pool.
+
+        ``logits``: "last" -> (B, V) at each row's last new token; "all" -> (B, T, V) at every
+        new token (padding rows included, T the longest row); "none" -> None (cache only).
+        """
+        lens = [len(r.token_ids) for r in rows]
+        seq_len = max(lens)
+        padded = [r.token_ids + [PAD_TOKEN_ID] * (seq_len - len(r.token_ids)) for r in rows]
+        tokens = torch.tensor(padded, device=self.device)  # (B, T)
+        step = self.cache.begin_step([r.start for r in rows], lens, [r.block_table for r in rows],
+                                     [r.slot for r in rows])
+        hidden = self.model.forward_hidden(tokens, step.positions, self.cache)  # (B, T, D)
+        if logits == "none":
+            return None
+        if logits == "all":
+            return self.model.head(self.model.norm(hidden))  # (B, T, V)
+        if seq_len == 1:
+            last = hidden[:, 0]  # (B, D)
+        elif len(rows) == 1:
+            last = hidden[:, -1]
+        else:
+            last = hidden[torch.arange(len(rows), device=self.device), torch.tensor(lens, device=self.device) - 1]
+        return self.model.head(self.model.norm(last))  # (B, V)
