@@ -1,0 +1,259 @@
+"""Decode speed and KV memory of our inference engine, side by side with `transformers` `generate`.
+
+Both run the same weights: a random Hugging Face Llama (sdpa attention) saved with
+``save_pretrained`` and loaded by our engine through `model/hf.py`; same prompt, same threads,
+greedy decoding, no eos stop. Measured:
+
+- single-stream decode tokens/s, ours vs ``generate`` (timings interleaved, medians; decode time
+  = time for N new tokens minus time for 1, so prefill is left out), and whether the greedy
+  tokens agree;
+- weight bytes read per second at batch 1 against a memory bandwidth measured in the same run
+  (sum of a large fp32 tensor): decoding one token reads every weight once (the embedding table
+  only one row), so batch-1 decoding of a model larger than the caches is bound by it;
+- aggregate tokens/s of 16 concurrent streams vs 1 (continuous batching), time to first token
+  and inter-token latency p50 / p99;
+- KV memory under a mixed-length workload: peak blocks in use vs the pool allocated vs a
+  contiguous cache preallocating max_model_len for each of max_num_seqs sequences;
+- MLA (DeepSeek-V2, Liu et al. 2024) latent cache bytes per token vs the equivalent MHA cache.
+
+    python benchmarks/decode_speed.py                 # configs A and B
+    python benchmarks/decode_speed.py --quick         # a quick smoke run (fewer tokens / rounds)
+
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from inference.engine.llm_engine import LLMEngine  # noqa: E402
+from inference.engine.paged_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
+from inference.engine.sampling import SamplingParams  # noqa: E402
+from model import count_params, get_preset  # noqa: E402
+
+# name: (vocab, dim, layers, heads, kv heads, ffn hidden)
+CONFIGS = {"A": (4096, 256, 4, 8, 4, 688), "B": (8192, 512, 8, 8, 8, 1376)}
+MAX_LEN = 512
+PROMPT_LEN = 32
+BANDWIDTH_MB = 512
+
+
+def save_hf_llama(name: str, directory: Path):
+    """A random transformers Llama of config ``name`` saved to ``directory`` (the model is returned)."""
+    import transformers
+
+    vocab, dim, layers, heads, kv_heads, ffn = CONFIGS[name]
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=MAX_LEN, rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    hf.save_pretrained(directory)
+    return hf
+
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+
+
+def run_ours(engine: LLMEngine, prompts: list[list[int]], n: int) -> tuple[list[list[int]], list[list[float]], float]:
+    """Generate n tokens for every prompt at once; (tokens, per-request token times (s after start), total s)."""
+    start = time.perf_counter()
+    ids = [engine.add_request(p, greedy(n)) for p in prompts]
+    tokens = {rid: [] for rid in ids}
+    times = {rid: [] for rid in ids}
+    while engine.has_unfinished():
+        outs = engine.step()
+        now = time.perf_counter() - start
+        for out in outs:
+            tokens[out.request_id] += out.new_token_ids
+            times[out.request_id] += [now] * len(out.new_token_ids)
+    return [tokens[r] for r in ids], [times[r] for r in ids], time.perf_counter() - start
+
+
+@torch.inference_mode()
+def run_hf(hf, prompt: list[int], n: int) -> tuple[list[int], float]:
+    ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist(), time.perf_counter() - start
+
+
+def memory_bandwidth_gbs(rounds: int) -> float:
+    """Read bandwidth: median GB/s of summing a BANDWIDTH_MB fp32 tensor (far larger than the caches)."""
+    x = torch.ones(BANDWIDTH_MB * 2**20 // 4)
+    x.sum()
+    times = []
+    for _ in range(max(3, rounds)):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(engine: LLMEngine) -> int:
+    """Bytes of weights one decode step reads: every parameter once, of the input embedding one row."""
+    cfg = engine.config
+    n = count_params(cfg)["total"]
+    if not cfg.tie_embeddings:  # the untied input table is only looked up
+        n -= cfg.vocab_size * cfg.dim - cfg.dim
+    return n * engine.dtype.itemsize
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def latency_stats(times: list[list[float]]) -> dict:
+    ttft = [t[0] for t in times]
+    itl = [b - a for t in times for a, b in zip(t, t[1:]) if b > a]  # tokens of one step share a time
+    ms = lambda v: round(v * 1e3, 3)  # noqa: E731
+    return {"ttft_ms_p50": ms(percentile(ttft, 50)), "ttft_ms_p99": ms(percentile(ttft, 99)),
+            "itl_ms_p50": ms(percentile(itl, 50)), "itl_ms_p99": ms(percentile(itl, 99))}
+
+
+def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) -> dict:
+    hf = save_hf_llama(name, tmp / name)
+    engine = LLMEngine(tmp / name, device="cpu", dtype="fp32", max_num_seqs=16)
+    rng = random.Random(0)
+    vocab = CONFIGS[name][0]
+    prompt = [rng.randrange(vocab) for _ in range(PROMPT_LEN)]
+    run_ours(engine, [prompt], 4)  # warm-up
+    run_hf(hf, prompt, 4)
+
+    ours_tokens, ours_times, _ = run_ours(engine, [prompt], n)
+    hf_tokens, _ = run_hf(hf, prompt, n)
+    t_ours, t_hf, ratios = [], [], []
+    for _ in range(rounds):  # interleaved: background load hits both alike
+        full, one = run_ours(engine, [prompt], n)[2], run_ours(engine, [prompt], 1)[2]
+        hf_full, hf_one = run_hf(hf, prompt, n)[1], run_hf(hf, prompt, 1)[1]
+        t_ours.append(full - one)
+        t_hf.append(hf_full - hf_one)
+        ratios.append(t_hf[-1] / t_ours[-1])
+    ours_tps = (n - 1) / statistics.median(t_ours)
+    hf_tps = (n - 1) / statistics.median(t_hf)
+    weight_bytes = weight_bytes_per_token(engine)
+    result = {
+        "shape": dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn"), CONFIGS[name])),
+        "prompt_tokens": PROMPT_LEN, "new_tokens": n,
+        "greedy_tokens_match_hf": ours_tokens[0] == hf_tokens,
+        "single_stream": {
+            "ours_tokens_per_s": round(ours_tps, 1),
+            "hf_generate_tokens_per_s": round(hf_tps, 1),
+            "speedup_vs_hf": round(statistics.median(ratios), 3),
+            **latency_stats(ours_times),
+        },
+        "weights": {
+            "bytes_read_per_token": weight_bytes,
+            "ours_weight_gb_per_s": round(weight_bytes * ours_tps / 1e9, 2),
+            "hf_weight_gb_per_s": round(weight_bytes * hf_tps / 1e9, 2),
+            "ours_fraction_of_bandwidth": round(weight_bytes * ours_tps / 1e9 / bandwidth, 3),
+        },
+    }
+    streams = [[rng.randrange(vocab) for _ in range(PROMPT_LEN)] for _ in range(16)]
+    _, times16, total16 = run_ours(engine, streams, n)
+    _, _, total1 = run_ours(engine, streams[:1], n)
+    result["concurrency"] = {
+        "streams": 16,
+        "aggregate_tokens_per_s_16": round(16 * n / total16, 1),
+        "tokens_per_s_1": round(n / total1, 1),
+        "aggregate_speedup_16_vs_1": round((16 * n / total16) / (n / total1), 2),
+        **latency_stats(times16),
+    }
+    return result
+
+
+def kv_memory_workload(tmp: Path, quick: bool) -> dict:
+    """Mixed prompt / output lengths on config A: KV memory really used vs allocated vs contiguous."""
+    engine = LLMEngine(tmp / "A", device="cpu", dtype="fp32", max_num_seqs=16)
+    rng = random.Random(1)
+    num = 24 if quick else 48
+    for _ in range(num):
+        prompt = [rng.randrange(CONFIGS["A"][0]) for _ in range(rng.randint(8, 200))]
+        engine.add_request(prompt, greedy(rng.randint(8, 48 if quick else 160)))
+    bm = engine.scheduler.block_manager
+    block_bytes = engine.cache.bytes_per_token * bm.block_size
+    peak_blocks = peak_tokens = 0
+    while engine.has_unfinished():
+        engine.step()
+        if bm.num_used_blocks > peak_blocks:
+            peak_blocks = bm.num_used_blocks
+            peak_tokens = sum(len(s) for s in engine.scheduler.running)
+    contiguous = engine.scheduler.max_num_seqs * engine.max_model_len * engine.cache.bytes_per_token
+    return {
+        "requests": num, "max_num_seqs": engine.scheduler.max_num_seqs, "block_size": bm.block_size,
+        "peak_used_bytes": peak_blocks * block_bytes,
+        "peak_tokens_held": peak_tokens,
+        "slot_utilisation_at_peak": round(peak_tokens / (peak_blocks * bm.block_size), 3),
+        "pool_allocated_bytes": engine.cache.allocated_bytes,
+        "contiguous_max_len_bytes": contiguous,
+        "contiguous_over_paged_peak": round(contiguous / (peak_blocks * block_bytes), 2),
+    }
+
+
+def mla_cache_bytes() -> dict:
+    """Latent cache bytes per token and layer vs the MHA cache of the same heads (K and V per head)."""
+    out = {}
+    shapes = {
+        "tiny-deepseek_v3": get_preset("tiny-deepseek_v3"),
+        "deepseek_v3_shape": get_preset("tiny-deepseek_v3", dim=7168, n_heads=128, q_lora_rank=1536,
+                                        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
+    }
+    for name, cfg in shapes.items():
+        per_layer = kv_bytes_per_token(cfg, torch.bfloat16) // cfg.n_layers
+        mha = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 2
+        out[name] = {"mla_bytes_per_token_layer_bf16": per_layer, "mha_bytes_per_token_layer_bf16": mha,
+                     "mha_over_mla": round(mha / per_layer, 1)}
+    cfg = shapes["tiny-deepseek_v3"]
+    pool = PagedKVCache(cfg, num_blocks=4, block_size=16, max_num_seqs=1, device=torch.device("cpu"),
+                        dtype=torch.bfloat16)
+    measured = pool.allocated_bytes // ((4 + 1) * 16) // cfg.n_layers  # +1: the scratch block
+    out["tiny-deepseek_v3"]["measured_pool_bytes_per_token_layer"] = measured
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="decode tokens/s of our engine vs transformers generate")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--new_tokens", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds (a smoke run)")
+    args = parser.parse_args()
+    if args.quick:
+        args.new_tokens, args.rounds = 32, 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    bandwidth = memory_bandwidth_gbs(args.rounds)
+    report: dict = {
+        "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),
+        "device": "cpu", "dtype": "fp32", "memory_read_gb_per_s": round(bandwidth, 2), "configs": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            report["configs"][name] = bench_config(name, Path(tmp), args.new_tokens, args.rounds, bandwidth)
+        if "A" in args.configs:
+            report["kv_memory_mixed_workload"] = kv_memory_workload(Path(tmp), args.quick)
+    report["mla_cache"] = mla_cache_bytes()
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
