@@ -4,22 +4,26 @@
 (`utils.checkpoint`: config.json + model.safetensors) or a Hugging Face model directory
 (``config.json`` with a ``model_type``, imported through `model.hf.load_hf_dir`).
 
-`build_sft_model` builds the `Transformer` on the meta device and *assigns* the base weights
-to it (no second copy, no wasted random init), then:
+`build_sft_model` builds the `Transformer` on the meta device and fills it *one unit at a time*
+(the embedding, each block, the final norm, the head): the unit's base weights are read
+(a checkpoint file is opened per unit, so the pages read are released after it), assigned
+without a copy, converted, and moved to the device before the next unit is read. So no more
+than one unit ever exists in the base's own precision — what lets QLoRA load a model whose
+full-precision weights would not fit (Hugging Face directories are read whole by
+`load_hf_dir`, then released unit by unit). Per method:
 
 * ``full``: every parameter in fp32 (the master weights; AMP computes in bf16 / fp16).
 * ``lora``: the frozen base in the compute dtype (nothing trains it, so no fp32 master copy),
   adapters (`model.lora.apply_lora`) in fp32.
-* ``qlora``: first every linear layer (and stacked MoE experts) quantised to NF4 from the
-  base's own precision (`model.qlinear.quantize_model`), computing in the compute dtype;
-  the output head stays in the compute dtype unless ``qlora.quantize_head``; then as LoRA.
+* ``qlora``: every linear layer and stacked MoE expert quantised to NF4 from the base's own
+  precision (`model.qlinear.quantize_model`), computing in the compute dtype; the output
+  head stays dense unless ``qlora.quantize_head``; then adapters as for LoRA.
 
-MoE routers stay in fp32 in every case (`model.build.keep_fp32_modules`).
+MoE routers keep the base's fp32 weights in every case (`model.build.keep_fp32_modules`).
 """
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -27,7 +31,6 @@ from typing import Literal, Optional
 import torch
 from pydantic import ValidationError
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from finetune.config import SFTConfig
@@ -35,24 +38,24 @@ from model.build import keep_fp32_modules
 from model.config import ModelConfig
 from model.hf import HFFormatError, load_hf_dir
 from model.lora import apply_lora
-from model.qlinear import path_matches, quantize_model
+from model.moe import Router
+from model.qlinear import NF4Linear, path_matches, quantize_model, set_submodule
 from model.transformer import Transformer
 from utils.errors import UserError
 
-logger = logging.getLogger(__name__)
-
 ADAPTER_MARKERS = (".base_layer.", ".lora_A", ".lora_B", ".qweight.")  # names only adapter/4-bit models have
+Tensors = dict[str, torch.Tensor]
 
 
 @dataclass
 class BaseModelSource:
-    """Where the base weights come from; its `config` is known before any weight is read
-    (for Hugging Face directories the weights are read with it and handed over once)."""
+    """Where the base weights come from. Its `config` is known before any weight is read;
+    a Hugging Face directory's weights are read with it and handed out once."""
 
     path: Path
     kind: Literal["checkpoint", "huggingface"]
     config: ModelConfig
-    _hf_state: Optional[dict[str, torch.Tensor]] = field(default=None, repr=False)
+    _hf_state: Optional[Tensors] = field(default=None, repr=False)
 
     @classmethod
     def open(cls, path: Path) -> "BaseModelSource":
@@ -83,21 +86,36 @@ class BaseModelSource:
             err = e.errors()[0]
             raise UserError(f"{what}: config.json is not a model config "
                             f"({'.'.join(map(str, err['loc']))}: {err['msg']})") from None
-        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-            wrapped = next((k for k in f.keys() if any(m in k for m in ADAPTER_MARKERS)), None)
+        wrapped = next((k for k in cls(path, "checkpoint", config).names() if any(m in k for m in ADAPTER_MARKERS)), None)
         if wrapped is not None:
             raise UserError(f"{what} is a LoRA/QLoRA training checkpoint (it holds {wrapped!r}): start from "
                             "its merged weights (--merge_and_save) or from its base model")
         return cls(path, "checkpoint", config)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The base weights with our names, on the CPU, in the dtype they were stored in."""
-        if self._hf_state is not None:
-            state, self._hf_state = self._hf_state, None  # handed over: the caller owns the memory now
-            return state
+    def _hf(self) -> Tensors:
+        if self._hf_state is None:
+            self._hf_state = load_hf_dir(self.path)[1]
+        return self._hf_state
+
+    def names(self) -> list[str]:
+        """Every tensor name of the base (our names)."""
         if self.kind == "huggingface":
-            return load_hf_dir(self.path)[1]
-        return load_file(str(self.path / "model.safetensors"))
+            return list(self._hf())
+        with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
+            return list(f.keys())
+
+    def take(self, names: list[str]) -> Tensors:
+        """Some base tensors on the CPU, in their stored dtype. A Hugging Face directory's
+        tensors are handed out once (the source forgets them; it re-reads the directory when
+        asked again)."""
+        if self.kind == "huggingface":
+            state = self._hf()
+            out = {k: state.pop(k) for k in names}
+            if not state:
+                self._hf_state = None
+            return out
+        with safe_open(str(self.path / "model.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in names}
 
     @property
     def tokenizer_file(self) -> Optional[Path]:
@@ -114,33 +132,54 @@ def check_base_tokenizer(source: BaseModelSource, tokenizer_hash: str) -> None:
                         "point data.tokenizer_dir at the base's tokenizer and rebuild the SFT bins with it")
 
 
-def load_base(source: BaseModelSource, cfg: ModelConfig) -> Transformer:
-    """The base weights in a `Transformer` built for `cfg` (the resolved config), on the CPU."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    state = source.state_dict()
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise UserError(f"the weights of {source.path} do not fit its model config: {detail[:300]}") from None
-    return model
+# ---------------------------------------------------------------------------- building
+def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's top-level modules, ModuleLists (blocks, MTP modules) split into their items."""
+    out: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if isinstance(child, nn.ModuleList):
+            out += [(f"{name}.{i}", m) for i, m in enumerate(child)]
+        else:
+            out.append((name, child))
+    return out
 
 
-def quantize_base(model: nn.Module, cfg: SFTConfig, compute_dtype: torch.dtype) -> nn.Module:
-    """NF4 for every linear layer and stacked expert, except the head (unless
-    ``qlora.quantize_head``) and ``qlora.skip_modules`` (each must name a module)."""
+def check_names(source: BaseModelSource, model: nn.Module) -> None:
+    expected, found = set(model.state_dict()), set(source.names())
+    for names, what in ((expected - found, "lacks"), (found - expected, "has an unexpected")):
+        if names:
+            raise UserError(f"the weights of {source.path} do not fit its model config: it {what} tensor "
+                            f"{sorted(names)[0]!r}" + (f" (and {len(names) - 1} more)" if len(names) > 1 else ""))
+
+
+def quantize_skips(model: nn.Module, cfg: SFTConfig) -> list[str]:
+    """Module paths kept dense under QLoRA: ``qlora.skip_modules`` (each must name a module)
+    and the head unless ``qlora.quantize_head``."""
     q = cfg.qlora
     paths = [p for p, _ in model.named_modules() if p]
     for entry in q.skip_modules:
         if not any(path_matches(p, entry) for p in paths):
             raise UserError(f"qlora.skip_modules entry {entry!r} names no module of the model "
                             f"(e.g. {', '.join(paths[:4])})")
-    skip = list(q.skip_modules) + ([] if q.quantize_head or model.lm_head is None else ["lm_head"])
+    return list(q.skip_modules) + ([] if q.quantize_head or model.lm_head is None else ["lm_head"])
+
+
+def quantize_unit(model: nn.Module, path: str, unit: nn.Module, skips: list[str], cfg: SFTConfig,
+                  compute_dtype: torch.dtype) -> nn.Module:
+    """NF4 for the linear layers / experts of one unit (or the unit itself, e.g. the head)."""
+    q = cfg.qlora
+    options = dict(blocksize=q.blocksize, double_quant=q.double_quant, compute_dtype=compute_dtype, backend=q.backend)
     try:
-        return quantize_model(model, skip=skip, blocksize=q.blocksize, double_quant=q.double_quant,
-                              compute_dtype=compute_dtype, backend=q.backend)
+        if isinstance(unit, nn.Linear):
+            if any(path_matches(path, s) for s in skips):
+                return unit
+            new = NF4Linear.from_linear(unit, **options)
+            set_submodule(model, path, new)
+            return new
+        keep = [p for p, _ in unit.named_modules() if p and any(path_matches(f"{path}.{p}", s) for s in skips)]
+        if any(path_matches(path, s) for s in skips):
+            return unit
+        return quantize_model(unit, skip=keep, **options)
     except ValueError as e:
         raise UserError(f"qlora: {e}") from None
 
@@ -149,15 +188,32 @@ def build_sft_model(source: BaseModelSource, cfg: SFTConfig, method: str, device
                     compute_dtype: torch.dtype) -> nn.Module:
     """The model to train (see the module docstring), on `device`. ``cfg.model`` is the
     resolved config; LoRA/QLoRA freeze everything but the adapters."""
-    model = load_base(source, cfg.model)
-    if method == "full":
-        model.float()
-    else:
-        if method == "qlora":
-            quantize_base(model, cfg, compute_dtype)
-        model.to(compute_dtype)  # the frozen dense weights; NF4 statistics keep their own dtypes
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    check_names(source, model)
+    skips = quantize_skips(model, cfg) if method == "qlora" else []
+    for path, unit in units(model):
+        local = list(unit.state_dict())
+        if not local:
+            continue
+        weights = source.take([f"{path}.{k}" for k in local])
+        unit.load_state_dict({k: weights[f"{path}.{k}"] for k in local}, strict=True, assign=True)
+        if method == "full":
+            unit.float()
+        else:
+            if method == "qlora":
+                unit = quantize_unit(model, path, unit, skips, cfg, compute_dtype)
+            unit.to(compute_dtype)  # frozen dense weights; NF4 statistics keep their own dtypes
+            for sub, m in unit.named_modules():  # routers keep the base's weights, never rounded
+                if isinstance(m, Router):
+                    prefix = f"{path}.{sub}." if sub else f"{path}."
+                    m.load_state_dict({k: weights[prefix + k].float() for k in m.state_dict()}, assign=True)
+        unit.to(device)
+        del weights
+    left = [n for n, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise RuntimeError(f"no unit of the model holds {left[0]!r}: build_sft_model.units misses a module")
     keep_fp32_modules(model)
-    model.to(device)
     if method != "full":
         try:
             apply_lora(model, cfg.lora, dtype=torch.float32)
