@@ -17,7 +17,8 @@ with a 4096-token byte-level BPE trained on it, into SFT bins (`build_sft_bins.p
 the shared data, the built-in instruction data. The base is a randomly initialised model (the
 memory does not depend on the values), so the losses start near ln(4096) ≈ 8.3. Every mode
 trains with bf16 autocast (fp32 master weights for full SFT, a bf16 frozen base for LoRA,
-NF4 with bf16 compute for QLoRA) and AdamW.
+NF4 with bf16 compute for QLoRA), AdamW and activation checkpointing (as QLoRA does, so the
+activations, the same in every mode, do not hide the difference in weights and optimizer state).
 
 Goals: QLoRA's base weight bytes ≤ 0.3 × fp16, its peak memory ≤ 0.5 × full SFT's.
 
@@ -29,6 +30,7 @@ Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -74,7 +76,8 @@ def prepare(work: Path, seq_len: int) -> dict[str, Any]:
     write_hf_configs(data / "tokenizer")
     input_path = work / "records.json"
     input_path.write_text(json.dumps(records))
-    build_sft_bins.main(["--data_dir", str(data), "--input", str(input_path), "--max_seq_len", str(seq_len)])
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is for the JSON report alone
+        build_sft_bins.main(["--data_dir", str(data), "--input", str(input_path), "--max_seq_len", str(seq_len)])
     cfg = get_preset(PRESET)
     torch.manual_seed(0)
     save_checkpoint(work / "base", build_model(cfg).state_dict(), cfg.model_dump(mode="json"),
@@ -98,6 +101,7 @@ def child(mode: str, work: Path, steps: int, seq_len: int, batch_size: int, devi
         "data": {"data_dir": str(work / "data"), "seq_len": seq_len},
         "training": {"batch_size": batch_size, "max_steps": steps, "learning_rate": LEARNING_RATE[mode],
                      "warmup_steps": 0, "lr_schedule": "constant", "weight_decay": 0.0, "dtype": "bf16",
+                     "activation_checkpointing": True,
                      "device": device, "eval_steps": 1},
         "logging": {"runs_dir": str(work / "runs"), "run_name": mode},
         "checkpointing": {"init_from": str(work / "base")},
@@ -133,7 +137,8 @@ def child(mode: str, work: Path, steps: int, seq_len: int, batch_size: int, devi
         result["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if isinstance(head, NF4Linear):  # what keeping the head in bf16 (qlora.quantize_head: false) would store
         head_nf4 = sum(b.numel() * b.element_size() for b in head.qweight.buffers())
-        result["base_bytes_with_bf16_head"] = result["weight_bytes"]["base"] - head_nf4 + 2 * head.in_features * head.out_features
+        bf16_head = 2 * head.in_features * head.out_features
+        result["base_bytes_with_bf16_head"] = result["weight_bytes"]["base"] - head_nf4 + bf16_head
     return result
 
 
@@ -181,7 +186,8 @@ def main() -> None:
                 raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
             results[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     report = {"model": PRESET, **info, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
-              "device": args.device, "dtype": "bf16 autocast", "lora": LORA, "qlora": QLORA, "results": results, "summary": summarize(results)}
+              "device": args.device, "dtype": "bf16 autocast", "activation_checkpointing": True, "lora": LORA,
+              "qlora": QLORA, "results": results, "summary": summarize(results)}
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

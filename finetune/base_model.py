@@ -86,7 +86,8 @@ class BaseModelSource:
             err = e.errors()[0]
             raise UserError(f"{what}: config.json is not a model config "
                             f"({'.'.join(map(str, err['loc']))}: {err['msg']})") from None
-        wrapped = next((k for k in cls(path, "checkpoint", config).names() if any(m in k for m in ADAPTER_MARKERS)), None)
+        names = cls(path, "checkpoint", config).names()
+        wrapped = next((k for k in names if any(m in k for m in ADAPTER_MARKERS)), None)
         if wrapped is not None:
             raise UserError(f"{what} is a LoRA/QLoRA training checkpoint (it holds {wrapped!r}): start from "
                             "its merged weights (--merge_and_save) or from its base model")

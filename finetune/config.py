@@ -131,7 +131,8 @@ def resolve_model_config(base: ModelConfig, requested: ModelConfig, source: Path
             raise UserError(f"model.{name}={value!r} conflicts with the base model's {have!r} ({source}): the "
                             f"architecture comes from checkpointing.init_from; only {allowed} may be overridden")
     scaling = merged.get("rope_scaling")
-    if "rope_scaling" in requested.model_fields_set and scaling and scaling.get("original_max_position_embeddings") is None:
+    overridden = "rope_scaling" in requested.model_fields_set
+    if overridden and scaling and scaling.get("original_max_position_embeddings") is None:
         trained = base.rope_scaling.original_max_position_embeddings if base.rope_scaling else None
         scaling["original_max_position_embeddings"] = trained or base.max_seq_len
     try:

@@ -22,7 +22,8 @@ As every stage, this is data + loss + which parameters train, handed to the one 
   Ouyang et al. 2022).
 * Parameters: all (``full``), or LoRA adapters on a frozen base (``lora``, Hu et al. 2021),
   or LoRA on a frozen 4-bit NF4 base (``qlora``, Dettmers et al. 2023); see
-  `finetune.base_model` and `finetune.peft.adapters`.
+  `finetune.base_model` and `finetune.peft.adapters`. Under torchrun, full SFT runs with DDP
+  or FSDP2; LoRA / QLoRA with DDP (the adapters are small and the frozen base is not sharded).
 
 The run starts from ``checkpointing.init_from`` (our checkpoint or a Hugging Face directory;
 how its config merges with ``model:`` is in `finetune.config`) and writes
@@ -54,11 +55,9 @@ from trainer.engine import Trainer
 from trainer.evaluation import TextSampler
 from trainer.launch import launch, start_run
 from trainer.losses import Batch, LossFn, LossOutput, causal_lm_loss
-from trainer.optim import build_optimizer
 from utils.config import add_config_args, load_config, to_yaml
 from utils.device import pick_dtype
 from utils.errors import UserError
-from utils.runs import RunDir
 
 STAGE = "sft"
 logger = logging.getLogger(__name__)
@@ -156,7 +155,7 @@ def build_trainer(cfg: SFTConfig, method: str, source: BaseModelSource, dist: Di
     loss = sft_loss(cfg.sft.packing)
     if method == "full":
         return Trainer(cfg, model, loss, train_data, run, dist, flops_per_token=flops_per_token(cfg.model, seq_len),
-                       optimizer_factory=lambda m: build_optimizer(m, cfg.training), **common)
+                       **common)
     # adapters: no MFU (the frozen weights need no weight gradients, so 6N FLOPs/token overstates the work)
     return AdapterTrainer(cfg, model, loss, train_data, run, dist, trainable=trainable_filter(model),
                           optimizer_factory=optimizer_factory(cfg), base_model_path=str(source.path), **common)
@@ -183,10 +182,6 @@ def train(cfg: SFTConfig, method: str, resume: Optional[str] = None, stop_at: Op
         if method != "full" and final is not None:  # rank 0 wrote it
             export_final(trainer, source, cfg, method, final, cfg.data.tokenizer_path())
         return summary
-
-
-def run_dir(cfg: SFTConfig) -> RunDir:
-    return RunDir(cfg.logging.runs_dir, STAGE, cfg.logging.run_name)
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -85,15 +85,6 @@ def attend(
     mask: bool (B|1, 1, T, S); bias: float (B|1, H, T, S). Returns (B, H, T, dv).
     """
     n_heads, n_kv = q.shape[1], k.shape[1]
-    if softcap is None and n_heads != n_kv and q.shape[2] == 1 and not is_causal:
-        # decoding with GQA: the G query heads sharing a kv head are G queries of that head, so
-        # plain attention over n_kv heads does it (no K/V repeat; on CPU much faster than enable_gqa)
-        batch, group = q.shape[0], n_heads // n_kv
-        qg = q.reshape(batch, n_kv, group, q.shape[-1])  # (B, n_kv, G, d)
-        if bias is not None:
-            bias = bias.reshape(bias.shape[0], n_kv, group, -1)  # (B|1, n_kv, G, S)
-        out = attend(qg, k, v, scale, mask, False, bias, None, dropout_p)  # (B, n_kv, G, dv)
-        return out.reshape(batch, n_heads, 1, v.shape[-1])
     if softcap is None:
         attn_mask = mask
         if bias is not None:

@@ -16,7 +16,7 @@ from engine_fixtures import greedy_reference, save_model
 from inference.engine.llm import LLM
 from inference.engine.llm_engine import IncrementalDetokenizer, LLMEngine, find_stop, partial_stop_len
 from inference.engine.loading import load_model
-from inference.engine.paged_cache import build_step, kv_bytes_per_token, step_mask
+from inference.engine.paged_cache import StepBatch, kv_bytes_per_token, step_mask
 from inference.engine.sampling import SamplingParams
 from model import get_preset
 from serving_fixtures import make_tokenizer
@@ -91,21 +91,24 @@ def test_step_mask_by_hand() -> None:
     assert step_mask(q, k, window=2)[0, 0].int().tolist() == [[0, 1, 1, 0, 0], [0, 0, 1, 1, 0]]
 
 
-def test_build_step_slots_by_hand() -> None:
+def test_step_batch_slots_by_hand() -> None:
     # block size 2; row 0 prefills 3 tokens in blocks [5, 2]; row 1 decodes position 3 in [1, 0]
-    step = build_step([0, 3], [3, 1], [[5, 2], [1, 0]], [1, 0], block_size=2, scratch_block=9,
+    step = StepBatch([0, 3], [3, 1], [[5, 2], [1, 0]], [1, 0], block_size=2, scratch_block=9,
                       device=torch.device("cpu"))
     assert step.positions.tolist() == [[0, 1, 2], [3, 3, 3]]  # padding repeats the last position
-    assert step.gather_slots.tolist() == [[10, 11, 4, 5], [2, 3, 0, 1]]
+    assert step.gather_slots.view(2, 4).tolist() == [[10, 11, 4, 5], [2, 3, 0, 1]]
     assert step.write_slots.tolist() == [10, 11, 4, 1, 18, 18]  # padding writes to the scratch block
     assert step.key_positions.tolist() == [[0, 1, 2, -1], [0, 1, 2, 3]]
     mask, is_causal = step.mask()
     assert not is_causal
     assert mask[0, 0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
     assert mask[1, 0].int().tolist() == [[1, 1, 1, 1]] * 3
-    decode = build_step([3], [1], [[1, 0]], [0], block_size=2, scratch_block=9, device=torch.device("cpu"))
+    decode = StepBatch([3], [1], [[1, 0]], [0], block_size=2, scratch_block=9, device=torch.device("cpu"))
     assert decode.mask() == (None, False)  # one row, no padding: every key visible, no mask tensor
     assert decode.mask(window=2)[0][0, 0].int().tolist() == [[0, 0, 1, 1]]
+    assert step.contiguous_start is None and decode.contiguous_start is None  # 2 rows; blocks [1, 0]
+    single = StepBatch([2], [2], [[3, 4, 7]], [0], block_size=2, scratch_block=9, device=torch.device("cpu"))
+    assert single.contiguous_start == 6  # blocks 3, 4 hold positions 0..3: slots 6..9, read as a slice
 
 
 def test_stop_string_helpers() -> None:

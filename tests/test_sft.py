@@ -349,17 +349,19 @@ def test_qlora_keeps_head_unless_asked_and_checks_skip_names(env: SFTEnv, tmp_pa
         build_sft_model(sft.prepare(cfg, "qlora"), cfg, "qlora", torch.device("cpu"), torch.float32)
 
 
-def test_qlora_8bit_optimizer_steps_on_cpu_and_resumes(env: SFTEnv, tmp_path: Path) -> None:
-    """bitsandbytes' AdamW8bit runs on CPU; its 8-bit states (tensors of 4096+ elements) resume exactly."""
+def test_qlora_bnb_backend_and_8bit_optimizer_on_cpu(env: SFTEnv, tmp_path: Path) -> None:
+    """bitsandbytes' 4-bit matmul and AdamW8bit run on CPU; the 8-bit optimizer states (tensors
+    of 4096+ elements) resume exactly."""
     bnb_optim = pytest.importorskip("bitsandbytes.optim")
     from finetune.peft.adapters import optimizer_factory
 
-    sections = dict(lora={"r": 64, "target_modules": ["gate_proj"]}, qlora={"backend": "torch", "optimizer": "adamw8bit"},
+    sections = dict(lora={"r": 64, "target_modules": ["gate_proj"]}, qlora={"backend": "bnb", "optimizer": "adamw8bit"},
                     training={"max_steps": 2, "learning_rate": 1e-2, "eval_interval": 1},
                     checkpointing={"save_interval": 1})
     cfg = sft_config(env, tmp_path, "a", **sections)
     model = build_sft_model(sft.prepare(cfg, "qlora"), cfg, "qlora", torch.device("cpu"), torch.float32)
     assert isinstance(optimizer_factory(cfg)(model), bnb_optim.AdamW8bit)
+    assert model.get_submodule("layers.0.attn.q_proj").backend == "bnb"
     sft.train(cfg, "qlora")
     sft.train(sft_config(env, tmp_path, "b", **sections), "qlora", stop_at=1)
     sft.train(sft_config(env, tmp_path, "b", **sections), "qlora", resume="auto")
@@ -411,6 +413,14 @@ def test_long_context_sft_with_yarn(env: SFTEnv, tmp_path: Path) -> None:
     batch = next(train)
     assert seq_len == 512 and batch["input_ids"].shape == (2, 512)
     assert batch["position_ids"].max() < 256 < int(batch["attention_mask"][0].sum())  # several samples per long row
+    # LoRA adapters alone cannot carry the new context settings: final/meta.json records them
+    cfg = sft_config(env, tmp_path, "long_lora", data={"seq_len": 512}, lora={"r": 2},
+                     model={"max_seq_len": 512, "rope_scaling": {"type": "linear", "factor": 4.0}},
+                     training={"max_steps": 1, "batch_size": 2},
+                     checkpointing={"init_from": str(short_base), "save_interval": 1})
+    final = sft.train(cfg, "lora")["final_checkpoint"]
+    overrides = json.loads((final / "meta.json").read_text())["adapter"]["model_overrides"]
+    assert overrides["max_seq_len"] == 512 and overrides["rope_scaling"]["type"] == "linear"
 
 
 def test_start_from_a_hugging_face_directory(env: SFTEnv, tmp_path: Path) -> None:

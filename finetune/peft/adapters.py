@@ -15,6 +15,9 @@ the adapters are saved.
   also a plain checkpoint of merged weights that inference loads by itself. Merging starts
   from a fresh fp32 copy of the base (for QLoRA: quantised exactly as in training, then
   dequantised — the weights the adapters were trained against) and adds ``(alpha / r) B A``.
+  When the run overrode the base's ``max_seq_len`` / ``rope_scaling`` (long-context SFT), the
+  base's config no longer describes the trained model: ``final/meta.json`` records the
+  overrides under ``adapter.model_overrides`` and the log recommends ``--merge_and_save``.
 """
 from __future__ import annotations
 
@@ -61,14 +64,10 @@ def bnb_optimizer(model: nn.Module, tcfg: TrainingConfig, kind: str) -> torch.op
               for params, wd in ((parts["hidden"] + parts["embed_head"], tcfg.weight_decay), (parts["no_decay"], 0.0))
               if params]
     cls = getattr(bnb_optim, BNB_OPTIMIZERS[kind])
-    try:
-        return cls(groups, lr=tcfg.learning_rate, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
-    except (RuntimeError, NotImplementedError) as e:
-        raise UserError(f"qlora.optimizer={kind}: bitsandbytes cannot build {cls.__name__} here ({e}); "
-                        "use qlora.optimizer=adamw") from None
+    return cls(groups, lr=tcfg.learning_rate, betas=(tcfg.beta1, tcfg.beta2), eps=tcfg.eps)
 
 
-def optimizer_factory(cfg: SFTConfig) -> Optional[Callable[[nn.Module], torch.optim.Optimizer]]:
+def optimizer_factory(cfg: SFTConfig) -> Callable[[nn.Module], torch.optim.Optimizer]:
     """The engine's default optimizer, or an 8-bit one when ``qlora.optimizer`` asks for it."""
     kind = cfg.qlora.optimizer if cfg.qlora is not None else "adamw"
     if kind == "adamw":
@@ -102,6 +101,13 @@ def export_final(trainer: Trainer, source: BaseModelSource, cfg: SFTConfig, meth
         save_adapter(trainer.base, final, base_model_path=str(source.path))
         logger.info("final: merged weights + adapters in %s", final)
         return final
+    base_cfg, run_cfg = source.config.model_dump(mode="json"), cfg.model.model_dump(mode="json")
+    changed = {k: v for k, v in run_cfg.items() if v != base_cfg.get(k) and k != "dropout"}
+    if changed:  # the base's own config.json no longer describes the trained model
+        meta["adapter"]["model_overrides"] = changed
+        logger.warning("this run changed %s from the base's config: load the adapters on a base with these values "
+                       "(recorded in final/meta.json), or rerun with --merge_and_save for a self-contained checkpoint",
+                       ", ".join(sorted(changed)))
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_adapter(trainer.base, tmp, base_model_path=str(source.path))

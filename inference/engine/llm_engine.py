@@ -94,6 +94,12 @@ def partial_stop_len(text: str, stops: list[str]) -> int:
     return best
 
 
+def _plain_greedy(params: SamplingParams) -> bool:
+    """Greedy without penalties or logprobs: the token is the argmax of the raw logits."""
+    no_penalty = params.repetition_penalty == 1 and not params.presence_penalty and not params.frequency_penalty
+    return params.greedy and no_penalty and params.logprobs is None
+
+
 class _Request:
     """Engine-side state of one request besides its `Sequence`."""
 
@@ -270,6 +276,8 @@ class LLMEngine:
         logits = self.runner.forward(rows)  # (B, V)
         if is_prefill and self.speculative is not None:
             self.speculative.prefill(seqs, rows)
+        if all(_plain_greedy(s.params) for s in seqs):  # what `sample` returns then, minus its overhead
+            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         result = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], generators,
                         [s.num_prompt_tokens for s in seqs])
         tokens = result.token_ids.tolist()

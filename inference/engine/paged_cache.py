@@ -19,17 +19,18 @@ What a layer keeps per token slot:
 
 A model step is described by a `StepBatch` (built once per forward, shared by every layer):
 where the new entries go (``write_slots``), which slots each row reads back (``gather_slots``:
-positions 0 .. S - 1 of the row, S the longest context of the batch, padding read from a
-scratch block), the positions of the queries and keys and the attention masks. The layer
+positions 0 .. S - 1 of the row, S the longest context of the batch; beyond a row's table,
+the scratch block), the positions of the queries and keys and the attention masks. The layer
 objects (`PagedKVLayer`, `PagedStateLayer`) follow the paged contract of `model.cache`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Optional
 
 import torch
 
+from inference.engine.block_manager import slot_mapping
 from model.cache import KVCache
 from model.config import ModelConfig
 
@@ -81,42 +82,90 @@ def step_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: Optional[int] = 
     return visible[:, None]
 
 
-@dataclass
 class StepBatch:
-    """Where one forward reads and writes the cache. Rows are right-padded to T new tokens and
-    S context positions; a padding query repeats its row's last position (so it always sees a
-    key: no all-masked row), its write goes to the scratch slot."""
+    """Where one forward reads and writes the cache: rows that compute ``lens[b]`` new tokens
+    from position ``starts[b]``; ``block_tables[b]`` covers the row's positions
+    [0, starts[b] + lens[b]), ``state_slots[b]`` is its sequence slot (linear attention) and
+    ``scratch_block`` takes the padding's writes.
 
-    positions: torch.Tensor  # (B, T) long, position of each new token
-    token_mask: torch.Tensor  # (B, T) bool, False for padding
-    write_slots: torch.Tensor  # (B * T,) long, pool slot of each new token (padding: scratch)
-    gather_slots: torch.Tensor  # (B, S) long, pool slot of each row's positions 0 .. S - 1
-    context_lens: torch.Tensor  # (B,) long, positions a row has after this step (its keys)
-    state_slots: torch.Tensor  # (B,) long, the rows' sequence slots (linear-attention state)
-    fresh: torch.Tensor  # (B,) bool, the row's chunk starts at position 0 (state reset)
-    no_padding: bool  # every row has T new tokens and S keys
-    all_from_start: bool  # every row starts at position 0 (then keys are the queries, S == T)
-    _masks: dict = field(default_factory=dict)
-    _key_positions: Optional[torch.Tensor] = None
+    Rows are right-padded to T new tokens and S context positions. A padding query repeats its
+    row's last position (so it always sees a key: no all-masked row) and writes to the scratch
+    block. Tensors are built on first use from the Python lists, so a step builds only what its
+    model needs (KV slots, or the linear-attention state slots) and decoding stays cheap.
+    """
 
-    @property
-    def flat_gather_slots(self) -> torch.Tensor:  # (B * S,)
-        return self.gather_slots.view(-1)
+    def __init__(
+        self,
+        starts: list[int],
+        lens: list[int],
+        block_tables: list[list[int]],
+        state_slots: list[Optional[int]],
+        block_size: int,
+        scratch_block: int,
+        device: torch.device,
+    ) -> None:
+        self.starts, self.lens, self.block_tables, self.slots = starts, lens, block_tables, state_slots
+        self.block_size, self.scratch_block, self.device = block_size, scratch_block, device
+        self.ends = [s + n for s, n in zip(starts, lens)]
+        self.seq_len, self.ctx = max(lens), max(self.ends)  # T, S
+        self.no_padding = all(n == self.seq_len for n in lens) and all(e == self.ctx for e in self.ends)
+        self.all_from_start = all(s == 0 for s in starts)  # then the keys are the queries (S == T)
+        rows = [[min(s + t, e - 1) for t in range(self.seq_len)] for s, e in zip(starts, self.ends)]
+        self.positions = torch.tensor(rows, device=device)  # (B, T) position of each new token
+        self._masks: dict = {}
 
-    @property
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, device=self.device)
+
+    @cached_property
+    def write_slots(self) -> torch.Tensor:  # (B * T,) pool slot of each new token
+        scratch = self.scratch_block * self.block_size
+        flat = []
+        for table, s, n in zip(self.block_tables, self.starts, self.lens):
+            flat += slot_mapping(table, self.block_size, s, s + n) + [scratch] * (self.seq_len - n)
+        return self._tensor(flat)
+
+    @cached_property
+    def contiguous_start(self) -> Optional[int]:
+        """First pool slot when the batch is one row whose blocks are consecutive (a single stream
+        usually gets them so from the free list): its context is then a slice of the pool."""
+        if len(self.starts) != 1:
+            return None
+        nb = -(-self.ctx // self.block_size)
+        table = self.block_tables[0][:nb]
+        return table[0] * self.block_size if table == list(range(table[0], table[0] + nb)) else None
+
+    @cached_property
+    def gather_slots(self) -> torch.Tensor:  # (B * S,) pool slot of each row's positions 0 .. S - 1
+        bs, nb = self.block_size, -(-self.ctx // self.block_size)
+        tables = self._tensor([t[:nb] + [self.scratch_block] * (nb - len(t[:nb])) for t in self.block_tables])
+        offsets = torch.arange(bs, device=self.device)
+        slots = (tables[:, :, None] * bs + offsets).view(len(self.starts), nb * bs)  # (B, nb * bs)
+        return slots[:, : self.ctx].reshape(-1)
+
+    @cached_property
+    def token_mask(self) -> torch.Tensor:  # (B, T) bool, False for padding
+        return torch.arange(self.seq_len, device=self.device) < self._tensor(self.lens)[:, None]
+
+    @cached_property
     def key_positions(self) -> torch.Tensor:  # (B, S), -1 = padding
-        if self._key_positions is None:
-            idx = torch.arange(self.gather_slots.shape[1], device=self.gather_slots.device)
-            self._key_positions = torch.where(idx < self.context_lens[:, None], idx, -1)
-        return self._key_positions
+        idx = torch.arange(self.ctx, device=self.device)
+        return torch.where(idx < self._tensor(self.ends)[:, None], idx, -1)
+
+    @cached_property
+    def state_slots(self) -> torch.Tensor:  # (B,) the rows' sequence slots (linear-attention state)
+        return self._tensor([s if s is not None else 0 for s in self.slots])
+
+    @cached_property
+    def fresh(self) -> torch.Tensor:  # (B,) bool, the row's chunk starts at position 0 (state reset)
+        return self._tensor([s == 0 for s in self.starts])
 
     def mask(self, window: Optional[int] = None, force: bool = False) -> tuple[Optional[torch.Tensor], bool]:
         """The attention mask of this step for layers with ``window`` (None = full attention),
         built once and shared by the layers; `model.attention.build_mask`'s fast answers
         ``(None, False)`` (every key visible) / ``(None, True)`` (plain causal) where exact."""
-        seq_len, ctx = self.positions.shape[1], self.gather_slots.shape[1]
-        if not force and self.no_padding and (window is None or ctx <= window):
-            if seq_len == 1:
+        if not force and self.no_padding and (window is None or self.ctx <= window):
+            if self.seq_len == 1:
                 return None, False
             if self.all_from_start:
                 return None, True
@@ -124,39 +173,6 @@ class StepBatch:
         if key not in self._masks:
             self._masks[key] = step_mask(self.positions, self.key_positions, window)
         return self._masks[key], False
-
-
-def build_step(
-    starts: list[int],
-    lens: list[int],
-    block_tables: list[list[int]],
-    state_slots: list[Optional[int]],
-    block_size: int,
-    scratch_block: int,
-    device: torch.device,
-) -> StepBatch:
-    """The `StepBatch` of rows that compute ``lens[b]`` tokens from position ``starts[b]``."""
-    ends = [s + n for s, n in zip(starts, lens)]
-    seq_len, ctx = max(lens), max(ends)
-    nb = -(-ctx // block_size)
-    tables = torch.tensor([t[:nb] + [scratch_block] * (nb - len(t[:nb])) for t in block_tables], device=device)
-    start = torch.tensor(starts, device=device)[:, None]  # (B, 1)
-    end = torch.tensor(ends, device=device)  # (B,)
-    idx_t = torch.arange(seq_len, device=device)
-    idx_s = torch.arange(ctx, device=device)
-    positions = torch.minimum(start + idx_t, end[:, None] - 1)  # (B, T), padding repeats the last
-    token_mask = idx_t < torch.tensor(lens, device=device)[:, None]  # (B, T)
-    gather = tables.repeat_interleave(block_size, dim=1)[:, :ctx] * block_size + idx_s % block_size  # (B, S)
-    write = gather.gather(1, positions)  # (B, T)
-    no_padding = all(n == seq_len for n in lens) and all(e == ctx for e in ends)
-    if not no_padding:
-        write = torch.where(token_mask, write, scratch_block * block_size)
-    slots = [s if s is not None else 0 for s in state_slots]
-    return StepBatch(
-        positions=positions, token_mask=token_mask, write_slots=write.reshape(-1), gather_slots=gather,
-        context_lens=end, state_slots=torch.tensor(slots, device=device),
-        fresh=start[:, 0] == 0, no_padding=no_padding, all_from_start=all(s == 0 for s in starts),
-    )
 
 
 # ---------------------------------------------------------------------------- layer caches
@@ -172,11 +188,15 @@ class PagedKVLayer:
     def update(self, positions: torch.Tensor, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write ``new`` (each (B, T, *entry)) at the step's slots; return (B, S, *entry) gathers."""
         step = self.owner.step
-        batch, ctx = step.gather_slots.shape
+        start = step.contiguous_start
         out = []
         for pool, x in zip(self.pools, new):
             pool.index_copy_(0, step.write_slots, x.reshape(-1, *pool.shape[1:]))
-            out.append(pool.index_select(0, step.flat_gather_slots).view(batch, ctx, *pool.shape[1:]))
+            if start is not None:  # one row in consecutive blocks: a view, no copy
+                context = pool[start : start + step.ctx]
+            else:
+                context = pool.index_select(0, step.gather_slots)
+            out.append(context.view(len(step.lens), step.ctx, *pool.shape[1:]))
         return tuple(out)
 
     @property
@@ -217,7 +237,7 @@ class PagedKVCache(KVCache):
     """The whole model's paged cache: ``num_blocks`` blocks (+ 1 scratch block for padding writes)
     of ``block_size`` slots in every layer, and per-slot recurrent states for linear attention.
 
-    Set ``step`` (a `StepBatch`, see `build_step`) before each forward.
+    ``begin_step`` sets the current `StepBatch` before each forward.
     """
 
     def __init__(
@@ -261,6 +281,6 @@ class PagedKVCache(KVCache):
     def begin_step(
         self, starts: list[int], lens: list[int], block_tables: list[list[int]], state_slots: list[Optional[int]]
     ) -> StepBatch:
-        """Describe the next forward (see `build_step`) and make it the current step."""
-        self.step = build_step(starts, lens, block_tables, state_slots, self.block_size, self.scratch_block, self.device)
+        """Describe the next forward (a `StepBatch`) and make it the current step."""
+        self.step = StepBatch(starts, lens, block_tables, state_slots, self.block_size, self.scratch_block, self.device)
         return self.step
