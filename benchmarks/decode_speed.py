@@ -9,7 +9,10 @@ greedy decoding, no eos stop. Measured:
   tokens agree;
 - weight bytes read per second at batch 1 against a memory bandwidth measured in the same run
   (sum of a large fp32 tensor): decoding one token reads every weight once (the embedding table
-  only one row), so batch-1 decoding of a model larger than the caches is bound by it;
+  only one row), so batch-1 decoding of a model larger than the caches is bound by it; and
+  against the bare matrix-vector products of one token (the same weights and kernels, nothing
+  else, timed in the same rounds): the floor of a decode step, so that each engine's per-token
+  overhead above it is reported too;
 - aggregate tokens/s of 16 concurrent streams vs 1 (continuous batching), time to first token
   and inter-token latency p50 / p99;
 - KV memory under a mixed-length workload: peak blocks in use vs the pool allocated vs a
@@ -31,11 +34,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from inference.engine.llm_engine import LLMEngine  # noqa: E402
 from inference.engine.paged_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
@@ -105,6 +110,22 @@ def memory_bandwidth_gbs(rounds: int) -> float:
     return x.numel() * 4 / statistics.median(times) / 1e9
 
 
+def gemv_pass(model: torch.nn.Module) -> Callable[[], None]:
+    """The matrix-vector products of one decode token and nothing else (the same weights and
+    kernels): the floor of a batch-1 decode step, and the bandwidth those kernels reach."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if model.lm_head is None:
+        weights.append(model.embed.weight)
+    inputs = [torch.randn(1, w.shape[1]) for w in weights]
+
+    def run() -> None:
+        with torch.inference_mode():
+            for x, w in zip(inputs, weights):
+                F.linear(x, w)
+
+    return run
+
+
 def weight_bytes_per_token(engine: LLMEngine) -> int:
     """Bytes of weights one decode step reads: every parameter once, of the input embedding one row."""
     cfg = engine.config
@@ -138,15 +159,21 @@ def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) ->
 
     ours_tokens, ours_times, _ = run_ours(engine, [prompt], n)
     hf_tokens, _ = run_hf(hf, prompt, n)
-    t_ours, t_hf, ratios = [], [], []
-    for _ in range(rounds):  # interleaved: background load hits both alike
+    gemv = gemv_pass(engine.model)
+    t_ours, t_hf, t_gemv, ratios = [], [], [], []
+    for _ in range(rounds):  # interleaved: background load hits all alike
         full, one = run_ours(engine, [prompt], n)[2], run_ours(engine, [prompt], 1)[2]
         hf_full, hf_one = run_hf(hf, prompt, n)[1], run_hf(hf, prompt, 1)[1]
         t_ours.append(full - one)
         t_hf.append(hf_full - hf_one)
         ratios.append(t_hf[-1] / t_ours[-1])
+        start = time.perf_counter()
+        for _ in range(n - 1):
+            gemv()
+        t_gemv.append(time.perf_counter() - start)
     ours_tps = (n - 1) / statistics.median(t_ours)
     hf_tps = (n - 1) / statistics.median(t_hf)
+    gemv_tps = (n - 1) / statistics.median(t_gemv)
     weight_bytes = weight_bytes_per_token(engine)
     result = {
         "shape": dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn"), CONFIGS[name])),
@@ -158,11 +185,20 @@ def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) ->
             "speedup_vs_hf": round(statistics.median(ratios), 3),
             **latency_stats(ours_times),
         },
+        "per_token_ms": {  # decode time per token = the bare matrix-vector products + everything else
+            "gemv_floor": round(1e3 / gemv_tps, 3),
+            "ours": round(1e3 / ours_tps, 3),
+            "hf_generate": round(1e3 / hf_tps, 3),
+            "ours_overhead": round(1e3 / ours_tps - 1e3 / gemv_tps, 3),
+            "hf_overhead": round(1e3 / hf_tps - 1e3 / gemv_tps, 3),
+        },
         "weights": {
             "bytes_read_per_token": weight_bytes,
             "ours_weight_gb_per_s": round(weight_bytes * ours_tps / 1e9, 2),
             "hf_weight_gb_per_s": round(weight_bytes * hf_tps / 1e9, 2),
+            "gemv_kernels_gb_per_s": round(weight_bytes * gemv_tps / 1e9, 2),
             "ours_fraction_of_bandwidth": round(weight_bytes * ours_tps / 1e9 / bandwidth, 3),
+            "ours_fraction_of_gemv_kernels": round(ours_tps / gemv_tps, 3),
         },
     }
     streams = [[rng.randrange(vocab) for _ in range(PROMPT_LEN)] for _ in range(16)]

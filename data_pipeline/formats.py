@@ -339,3 +339,8 @@ class TokenBin:
         """Total tokens of each item (all parts together), shape (num_items,)."""
         per_item = self.offsets[:: self.sidecar.parts_per_item]
         return np.diff(per_item)
+
+
+def bin_base(path: Path) -> Path:
+    """``.../train.bin`` → ``.../train`` (token bins are named by their base path)."""
+    return path.with_suffix("") if path.suffix == ".bin" else path

@@ -44,12 +44,12 @@ from typing import Any, Optional
 import torch
 
 from data_pipeline.chat_loaders import SFTLoader
-from data_pipeline.formats import CHAT_TEMPLATE, COMMANDS
+from data_pipeline.formats import CHAT_TEMPLATE, COMMANDS, bin_base
+from data_pipeline.tokenizer.io import required_tokenizer_hash
 from finetune.base_model import BaseModelSource, build_sft_model, check_base_tokenizer
 from finetune.config import SFTConfig, check_method_sections, resolve_model_config, rope_scaling_summary
 from finetune.peft.adapters import AdapterTrainer, export_final, optimizer_factory, trainable_filter
 from model import count_params, flops_per_token
-from pretrain.train import bin_base, tokenizer_checks
 from trainer.distributed import DistInfo
 from trainer.engine import Trainer
 from trainer.evaluation import TextSampler
@@ -140,7 +140,7 @@ def build_trainer(cfg: SFTConfig, method: str, source: BaseModelSource, dist: Di
         raise UserError("training.parallelism=fsdp is not supported with LoRA/QLoRA: the frozen base is not "
                         "sharded and the adapters are small; use ddp")
     tokenizer_dir = cfg.data.tokenizer_path()
-    tok_hash = tokenizer_checks(tokenizer_dir)
+    tok_hash = required_tokenizer_hash(tokenizer_dir)
     check_chat_template(tokenizer_dir)
     check_base_tokenizer(source, tok_hash)
     train_data, val_data, seq_len = build_sft_loaders(cfg, dist.rank, dist.world_size, tok_hash)

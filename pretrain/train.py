@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from data_pipeline.formats import COMMANDS
+from data_pipeline.formats import bin_base
+from data_pipeline.tokenizer.io import required_tokenizer_hash
 from data_pipeline.loader import PretrainLoader
 from model import build_model, count_params, flops_per_token
 from trainer.checkpointing import init_from_checkpoint
@@ -34,21 +35,6 @@ from utils.errors import UserError, cli_main
 
 STAGE = "pretrain"
 logger = logging.getLogger(__name__)
-
-
-def bin_base(path: Path) -> Path:
-    """``.../train.bin`` → ``.../train`` (token bins are named by their base path)."""
-    return path.with_suffix("") if path.suffix == ".bin" else path
-
-
-def tokenizer_checks(tokenizer_dir: Path) -> Optional[str]:
-    """The tokenizer's hash, for the data sidecar check (UserError when it is missing)."""
-    if not (tokenizer_dir / "tokenizer.json").is_file():
-        raise UserError(f"no tokenizer at {tokenizer_dir} (tokenizer.json): run `{COMMANDS['tokenizer']}` "
-                        "or set data.tokenizer_dir")
-    from data_pipeline.tokenizer import tokenizer_hash
-
-    return tokenizer_hash(tokenizer_dir)
 
 
 def build_loaders(cfg: ExperimentConfig, rank: int, world_size: int, tok_hash: Optional[str]):
@@ -80,7 +66,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None, stop_at: Optional
     """
     with launch(cfg) as dist:
         tokenizer_dir = cfg.data.tokenizer_path()
-        tok_hash = tokenizer_checks(tokenizer_dir)
+        tok_hash = required_tokenizer_hash(tokenizer_dir)
         train_data, val_data, seq_len = build_loaders(cfg, dist.rank, dist.world_size, tok_hash)
         run = start_run(cfg, STAGE, dist, resume)
         model = build_model(cfg.model, dist.device, torch.float32)  # fp32 master weights; AMP computes

@@ -226,6 +226,8 @@ def test_stop_strings_end_the_text_and_are_excluded(checkpoint) -> None:
     llm = LLM(checkpoint("gqa"), device="cpu", dtype="fp32")
     params = dict(temperature=0, max_tokens=40, ignore_eos=True)
     full = llm.generate("Once upon a time", SamplingParams(**params))[0]
+    assert full.prompt_token_ids == llm.tokenizer.encode("Once upon a time", add_special_tokens=False).ids
+    assert full.finish_reason == "length" and len(full.token_ids) == 40
     text = full.text
     # a stop string of two ASCII characters from the middle of the text
     cut = next(i for i in range(4, len(text) - 1) if text[i : i + 2].isascii() and text[i : i + 2].strip())

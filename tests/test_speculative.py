@@ -13,6 +13,7 @@ from inference.engine.sampling import SamplingParams, sample
 from inference.engine.speculative import sampling_distributions, verify_draft
 from model import get_preset
 from serving_fixtures import make_tokenizer
+from utils.errors import UserError
 
 VOCAB = 320
 
@@ -136,3 +137,12 @@ def test_speculative_sampling_keeps_the_target_distribution(tmp_path) -> None:
     freq = torch.bincount(second, minlength=8).float() / n
     assert torch.allclose(freq, expected, atol=tol), (freq, expected)
     assert eng.speculative.num_proposed > 0
+
+
+def test_incompatible_drafts_are_user_errors(models, tmp_path) -> None:
+    other_vocab = save_model(get_preset("tiny", vocab_size=VOCAB + 8), tmp_path / "vocab")
+    with pytest.raises(UserError, match="vocabulary"):
+        LLMEngine(models["gqa"], device="cpu", draft_checkpoint=other_vocab)
+    linear = save_model(get_preset("tiny", vocab_size=VOCAB, attention_type="linear"), tmp_path / "linear")
+    with pytest.raises(UserError, match="linear attention"):
+        LLMEngine(linear, device="cpu", draft_checkpoint=models["gqa"])

@@ -34,7 +34,7 @@ def test_greedy_generation_with_cache_matches_full_recompute(model: torch.nn.Mod
 
 def test_generation_stops_at_eos_and_context(model: torch.nn.Module) -> None:
     first = generate(model, [5, 9], max_new_tokens=1)[0]
-    assert generate(model, [5, 9], max_new_tokens=5, eos_id=first) == [first]
+    assert generate(model, [5, 9], max_new_tokens=5, stop_ids={first}) == [first]
     # a 36-token prompt with max_seq_len 32: the prompt keeps its last 31 tokens, one new token fits
     assert len(generate(model, list(range(4, 40)), max_new_tokens=10)) == 1
 

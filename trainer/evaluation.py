@@ -18,7 +18,7 @@ from typing import Callable, ContextManager, Iterable, Optional
 import torch
 from torch import nn
 
-from data_pipeline.formats import EOS_TOKEN
+from data_pipeline.formats import EOS_TOKEN, IM_END
 from trainer.distributed import all_reduce_sum, unwrap
 from trainer.losses import Batch, LossFn
 from utils.errors import UserError
@@ -59,7 +59,7 @@ def sample_next(logits: torch.Tensor, top_k: int, generator: Optional[torch.Gene
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, top_k: int = 0,
-             eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> list[int]:
+             stop_ids: Iterable[int] = (), generator: Optional[torch.Generator] = None) -> list[int]:
     """Continue `prompt` (token ids) by up to `max_new_tokens` tokens using the KV cache."""
     base = unwrap(model)
     was_training = base.training
@@ -73,7 +73,7 @@ def generate(model: nn.Module, prompt: list[int], max_new_tokens: int, top_k: in
     while len(prompt) + len(out) < max_len:
         token = sample_next(logits, top_k, generator)  # (1,)
         out.append(int(token.item()))
-        if eos_id is not None and out[-1] == eos_id:
+        if out[-1] in stop_ids:
             break
         logits = base(token.view(1, 1), cache=cache)[:, -1]
     base.train(was_training)
@@ -97,10 +97,12 @@ class TextSampler:
         self.max_new_tokens = max_new_tokens
         self.top_k = top_k
         self.seed = seed
-        self.eos_id = self.tokenizer.token_to_id(EOS_TOKEN)
+        # a pretrained model ends a document with EOS; a chat model ends its turn with <|im_end|>
+        stops = (self.tokenizer.token_to_id(EOS_TOKEN), self.tokenizer.token_to_id(IM_END))
+        self.stop_ids = frozenset(i for i in stops if i is not None)
 
     def __call__(self, model: nn.Module, step: int, amp: Callable[[], ContextManager]) -> str:
         generator = torch.Generator().manual_seed(self.seed + step)
         with amp():
-            ids = generate(model, self.prompt_ids, self.max_new_tokens, self.top_k, self.eos_id, generator)
+            ids = generate(model, self.prompt_ids, self.max_new_tokens, self.top_k, self.stop_ids, generator)
         return self.tokenizer.decode(self.prompt_ids + ids, skip_special_tokens=False)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 from tokenizers import Tokenizer
 
-from data_pipeline.formats import CHAT_TEMPLATE, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
+from data_pipeline.formats import CHAT_TEMPLATE, COMMANDS, EOS_TOKEN, PAD_TOKEN, SPECIAL_TOKENS
 from utils.errors import UserError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -118,3 +118,12 @@ def write_meta(out_dir: Path, meta: dict) -> None:
     """Write the ``tokenizer_meta.json`` sidecar."""
     _write_json_atomic(out_dir / META_FILE, meta)
 
+
+
+def required_tokenizer_hash(tokenizer_dir: Path) -> str:
+    """The hash of the tokenizer a training stage uses, for the data sidecar check
+    (UserError naming the command to run when it is missing)."""
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise UserError(f"no tokenizer at {tokenizer_dir} (tokenizer.json): run `{COMMANDS['tokenizer']}` "
+                        "or set data.tokenizer_dir")
+    return tokenizer_hash(tokenizer_dir)

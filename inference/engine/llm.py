@@ -52,10 +52,11 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         engine = self.engine
-        ids = []
+        ids, prompt_ids = [], []
         try:
             for prompt, p in zip(prompts, params):
                 ids.append(engine.add_request(prompt, p))
+                prompt_ids.append(engine.scheduler.get(ids[-1]).prompt_token_ids)
         except ValueError:
             for rid in ids:
                 engine.abort(rid)
@@ -73,10 +74,8 @@ class LLM:
                 if out.finished:
                     r["reason"] = out.finish_reason
         outputs = []
-        for rid, prompt in zip(ids, prompts):
+        for rid, prompt, tokens in zip(ids, prompts, prompt_ids):
             r = results[rid]
-            prompt_ids = list(prompt) if not isinstance(prompt, str) else engine.tokenizer.encode(
-                prompt, add_special_tokens=False).ids
-            outputs.append(RequestOutput(rid, prompt if isinstance(prompt, str) else None, prompt_ids,
+            outputs.append(RequestOutput(rid, prompt if isinstance(prompt, str) else None, tokens,
                                          "".join(r["text"]), r["tokens"], r["reason"], r["logprobs"]))
         return outputs

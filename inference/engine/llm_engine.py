@@ -34,7 +34,8 @@ from inference.engine.paged_cache import (
 from inference.engine.sampling import SamplingParams, make_generator, sample
 from inference.engine.scheduler import Scheduler
 from inference.engine.sequence import Sequence
-from inference.engine.speculative import LogprobEntry, SpeculativeDecoder, logprob_entries
+from inference.engine.speculative import LogprobEntry, SpeculativeDecoder
+from model.config import ModelConfig
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -112,14 +113,22 @@ class _Request:
 
 
 class LLMEngine:
-    """Continuous-batching generation over a paged KV cache (see the module docstring)."""
+    """Continuous-batching generation over a paged KV cache (see the module docstring).
+
+    ``checkpoint``: one of our checkpoint directories or a Hugging Face one; ``adapter``: a LoRA
+    adapter directory merged into the weights. ``kv_cache_memory_mb``: the KV pool's budget in
+    MiB (target and draft together); by default half the free GPU memory on CUDA and 256 MiB on
+    CPU / MPS, never more than ``max_num_seqs`` sequences of ``max_model_len`` tokens can use
+    (linear attention has no KV pool). ``draft_checkpoint``: a smaller model with the same
+    tokenizer for speculative decoding with ``num_speculative_tokens`` drafts per step.
+    """
 
     def __init__(
         self,
         checkpoint: Union[str, Path],
         adapter: Optional[Union[str, Path]] = None,
-        device: str = "auto",
-        dtype: str = "auto",
+        device: Union[str, torch.device] = "auto",
+        dtype: Union[str, torch.dtype] = "auto",
         block_size: int = 16,
         kv_cache_memory_mb: Optional[float] = None,
         max_num_seqs: int = 32,
@@ -140,6 +149,8 @@ class LLMEngine:
         if block_size < 1 or max_num_seqs < 1:
             raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size} and {max_num_seqs}")
 
+        if draft_checkpoint is not None and num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
         linear = self.config.attention_type == "linear"
         if linear and enable_prefix_caching:
             log.info("prefix caching is off: linear attention keeps its state outside the KV blocks")
@@ -171,7 +182,7 @@ class LLMEngine:
         self._ids = itertools.count()
 
     def _num_blocks(self, memory_mb: Optional[float], block_size: int, max_num_seqs: int, lookahead: int,
-                    draft_config: Optional[object]) -> int:
+                    draft_config: Optional[ModelConfig]) -> int:
         """Blocks that fit the budget in MiB (target and draft pools together). Without one: the
         device default (`default_kv_cache_bytes`), but no more than max_num_seqs sequences of
         max_model_len can use."""
@@ -325,17 +336,3 @@ class LLMEngine:
     def _is_stop_token(self, seq: Sequence, token_id: int) -> bool:
         eos = token_id == self.eos_token_id and not seq.params.ignore_eos
         return eos or token_id in seq.params.stop_token_ids
-
-    # ------------------------------------------------------------------ statistics
-    def stats(self) -> dict[str, float]:
-        """KV memory and speculative-decoding counters."""
-        out = {
-            "kv_cache_bytes": float(self.cache.allocated_bytes),
-            "kv_blocks_total": float(self.num_total_blocks),
-            "kv_blocks_used": float(self.scheduler.block_manager.num_used_blocks),
-        }
-        if self.speculative is not None:
-            out.update(spec_proposed=float(self.speculative.num_proposed),
-                       spec_accepted=float(self.speculative.num_accepted),
-                       spec_acceptance_rate=self.speculative.acceptance_rate)
-        return out

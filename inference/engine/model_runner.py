@@ -57,10 +57,8 @@ class ModelRunner:
             return None
         if logits == "all":
             return self.model.head(self.model.norm(hidden))  # (B, T, V)
-        if seq_len == 1:
-            last = hidden[:, 0]  # (B, D)
-        elif len(rows) == 1:
-            last = hidden[:, -1]
+        if all(n == seq_len for n in lens):  # no padding: every row ends in the last column
+            last = hidden[:, -1]  # (B, D)
         else:
             last = hidden[torch.arange(len(rows), device=self.device), torch.tensor(lens, device=self.device) - 1]
         return self.model.head(self.model.norm(last))  # (B, V)
