@@ -1,14 +1,16 @@
 """`make demo`: the whole pipeline end to end on built-in data, small enough for 2 CPU cores.
 
-Runs the same commands a user types (README), into `data/demo/` and `runs/pretrain/demo/`,
-so it never touches a real `data/` directory. Each step's own one-line summary is shown;
+Runs the same commands a user types (README), into `data/demo/`, `runs/pretrain/demo/` and
+`runs/sft/demo/`, so it never touches a real `data/` directory: data pipeline → pretraining
+→ full SFT on the built-in instructions → generation from both checkpoints. Each step's own one-line summary is shown;
 at the end a short report says what was made and where.
 
-    python utils/demo.py [--keep]      # --keep: reuse existing data/demo outputs
+    python utils/demo.py [--quick]     # --quick: fewer training steps (smoke test)
 """
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,9 @@ RUN_NAME = "demo"
 def steps(quick: bool) -> list[tuple[str, list[str]]]:
     d = ["--data_dir", DATA]
     pretrain_steps = "150" if quick else "600"
+    sft_steps = "60" if quick else "200"
+    pretrained = f"runs/pretrain/{RUN_NAME}/checkpoints/final"
+    sft_final = f"runs/sft/{RUN_NAME}/checkpoints/final"
     return [
         ("download stories (built-in corpus, offline)",
          ["data_pipeline/download/download_tinystories.py", "--source", "builtin", *d]),
@@ -38,6 +43,19 @@ def steps(quick: bool) -> list[tuple[str, list[str]]]:
             "--set", f"data.data_dir={DATA}", "--set", f"logging.run_name={RUN_NAME}",
             "--set", f"training.max_steps={pretrain_steps}",
         ]),
+        ("continue a story with the pretrained model (generation engine)", [
+            "inference/generate.py", "--checkpoint", pretrained, "--prompt", "Once upon a time",
+            "--max_new_tokens", "60", "--temperature", "0",
+        ]),
+        ("supervised fine-tuning on the built-in instructions (chat template)", [
+            "finetune/sft_train.py", "--config_path", "configs/sft/full.yaml",
+            "--set", f"data.data_dir={DATA}", "--set", f"logging.run_name={RUN_NAME}",
+            "--set", f"checkpointing.init_from={pretrained}", "--set", f"training.max_steps={sft_steps}",
+        ]),
+        ("chat with the fine-tuned model", [
+            "inference/generate.py", "--checkpoint", sft_final, "--chat", "--temperature", "0",
+            "--max_new_tokens", "80", "--prompt", "Write a short story about a brave little cat.",
+        ]),
     ]
 
 
@@ -47,8 +65,9 @@ def main() -> None:
     args = ap.parse_args()
 
     run_dir = REPO_ROOT / "runs" / "pretrain" / RUN_NAME
-    shutil.rmtree(REPO_ROOT / DATA, ignore_errors=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    sft_dir = REPO_ROOT / "runs" / "sft" / RUN_NAME
+    for d in (REPO_ROOT / DATA, run_dir, sft_dir):
+        shutil.rmtree(d, ignore_errors=True)
     t_all = time.time()
     for i, (title, cmd) in enumerate(steps(args.quick), 1):
         print(f"\n[demo {i}] {title}: python {' '.join(cmd)}", flush=True)
@@ -61,21 +80,19 @@ def main() -> None:
 
     print(f"\n[demo] finished in {time.time() - t_all:.0f}s. What it made:")
     print(f"  data:        {DATA}/ (raw stories, tokenizer, pretrain/SFT/preference bins, RL prompts)")
-    print(f"  run:         {run_dir.relative_to(REPO_ROOT)}/ (config.yaml, metrics.jsonl, train.log, loss.png, checkpoints/)")
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        import json
+    for name, d in (("pretrain", run_dir), ("sft", sft_dir)):
+        print(f"  {name + ' run:':14s}{d.relative_to(REPO_ROOT)}/ (config.yaml, metrics.jsonl, train.log, loss.png, checkpoints/)")
+        summarize(d / "metrics.jsonl")
 
-        rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        losses = [r["loss"] for r in rows if "loss" in r]
-        vals = [r["val_loss"] for r in rows if "val_loss" in r]
-        if losses:
-            print(f"  train loss:  {losses[0]:.3f} → {losses[-1]:.3f}")
-        if vals:
-            print(f"  val loss:    {vals[-1]:.3f}")
-        samples = [r["sample"] for r in rows if "sample" in r]
-        if samples:
-            print(f"  sample:      {samples[-1]!r}")
+
+def summarize(metrics: Path) -> None:
+    if not metrics.exists():
+        return
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    vals = [r["val_loss"] for r in rows if "val_loss" in r]
+    if losses:
+        print(f"    train loss {losses[0]:.3f} → {losses[-1]:.3f}" + (f", val loss {vals[-1]:.3f}" if vals else ""))
 
 
 if __name__ == "__main__":
