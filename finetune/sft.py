@@ -34,7 +34,6 @@ the adapters alone (PEFT layout), and ``final`` is the adapters (+ merged weight
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -53,9 +52,9 @@ from model import count_params, flops_per_token
 from trainer.distributed import DistInfo
 from trainer.engine import Trainer
 from trainer.evaluation import TextSampler
-from trainer.launch import launch, start_run
+from trainer.launch import flag_overrides, launch, start_run, training_arg_parser
 from trainer.losses import Batch, LossFn, LossOutput, causal_lm_loss
-from utils.config import add_config_args, load_config, to_yaml
+from utils.config import load_config, to_yaml
 from utils.device import pick_dtype
 from utils.errors import UserError
 
@@ -187,23 +186,13 @@ def train(cfg: SFTConfig, method: str, resume: Optional[str] = None, stop_at: Op
 # ---------------------------------------------------------------------------- CLI
 def main(method: str, description: str) -> None:
     """The command line of the three SFT scripts (they differ only in `method`)."""
-    parser = argparse.ArgumentParser(description=description)
-    add_config_args(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a warning)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="auto: newest checkpoint of this run (needs a fixed logging.run_name); "
-                             "or a checkpoint / run directory")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None,
-                        help="override training.device")
+    parser = training_arg_parser(description)
     if method != "full":
         parser.add_argument("--merge_and_save", action="store_true",
                             help="at the end also write checkpoints/final as a plain checkpoint with the adapters "
                                  "merged into the base weights (loadable by inference alone)")
     args = parser.parse_args()
-    if args.compile:
-        args.overrides.append("training.compile=true")
-    if args.device:
-        args.overrides.append(f"training.device={args.device}")
+    args.overrides = flag_overrides(args)
     if getattr(args, "merge_and_save", False):
         args.overrides.append("lora.merge_and_save=true")
     cfg = load_config(args.config_path, SFTConfig, args.overrides)

@@ -13,7 +13,6 @@ train.log, metrics.jsonl, loss.png and checkpoints/ (``step_NNNNNNNN`` resumable
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
 from pathlib import Path
@@ -28,9 +27,9 @@ from model import build_model, count_params, flops_per_token
 from trainer.checkpointing import init_from_checkpoint
 from trainer.engine import Trainer
 from trainer.evaluation import TextSampler
-from trainer.launch import launch, start_run
+from trainer.launch import flag_overrides, launch, start_run, training_arg_parser
 from trainer.losses import causal_lm_loss
-from utils.config import ExperimentConfig, add_config_args, config_from_args
+from utils.config import ExperimentConfig, config_from_args
 from utils.errors import UserError, cli_main
 
 STAGE = "pretrain"
@@ -85,19 +84,8 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None, stop_at: Optional
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Pretrain a language model (next-token prediction).")
-    add_config_args(parser)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a warning)")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="auto: newest checkpoint of this run (needs a fixed logging.run_name); "
-                             "or a checkpoint / run directory")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None,
-                        help="override training.device")
-    args = parser.parse_args()
-    if args.compile:
-        args.overrides.append("training.compile=true")
-    if args.device:
-        args.overrides.append(f"training.device={args.device}")
+    args = training_arg_parser("Pretrain a language model (next-token prediction).").parse_args()
+    args.overrides = flag_overrides(args)
     cfg = config_from_args(args, ExperimentConfig)
     train(cfg, resume=args.resume)
 

@@ -9,6 +9,7 @@ new directory at every launch, so to resume a run with ``--resume auto`` set
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 from typing import Iterator, Optional
@@ -17,7 +18,7 @@ import torch
 
 from trainer.distributed import DistInfo, barrier, broadcast_object, destroy_distributed, init_distributed
 from utils.checkpoint import list_checkpoints
-from utils.config import ExperimentConfig
+from utils.config import ExperimentConfig, add_config_args
 from utils.device import describe, pick_dtype, seed_everything
 from utils.errors import UserError
 from utils.runs import RunDir, setup_logging
@@ -63,3 +64,26 @@ def start_run(cfg: ExperimentConfig, stage: str, dist: DistInfo, resume: Optiona
     dtype = pick_dtype(cfg.training.dtype, dist.device)
     logger.info("%s run %s | %s | world_size=%d", stage, run.root, describe(dist.device, dtype), dist.world_size)
     return run
+
+
+def training_arg_parser(description: str) -> argparse.ArgumentParser:
+    """The command line every training stage shares: config + --compile, --resume, --device."""
+    parser = argparse.ArgumentParser(description=description)
+    add_config_args(parser)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (falls back with a warning)")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="auto: newest checkpoint of this run (needs a fixed logging.run_name); "
+                             "or a checkpoint / run directory")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None,
+                        help="override training.device")
+    return parser
+
+
+def flag_overrides(args: argparse.Namespace) -> list[str]:
+    """--set overrides plus those the shared flags stand for."""
+    overrides = list(args.overrides)
+    if args.compile:
+        overrides.append("training.compile=true")
+    if args.device:
+        overrides.append(f"training.device={args.device}")
+    return overrides

@@ -9,11 +9,24 @@ import torch
 
 from utils.errors import UserError
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
 
 
-def pick_device(preference: str = "auto") -> torch.device:
-    """cuda → mps → cpu when `preference` is "auto"; an explicit choice must be available."""
+def pick_device(preference: str | torch.device = "auto") -> torch.device:
+    """cuda → mps → cpu when `preference` is "auto"; an explicit choice ("cpu", "cuda", "cuda:N",
+    "mps") must be available."""
+    preference = str(preference)
+    if preference.startswith("cuda:"):
+        index = preference.split(":", 1)[1]
+        if not index.isdigit():
+            raise UserError(f"unknown device {preference!r} (allowed: auto, cpu, cuda, cuda:N, mps)")
+        if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
+            raise UserError(f"device {preference} requested but it is not available")
+        return torch.device(preference)
     if preference == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -25,19 +38,21 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("device mps requested but MPS is not available (use --device cpu or auto)")
     if preference not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown device {preference!r} (allowed: auto, cpu, cuda, mps)")
+        raise UserError(f"unknown device {preference!r} (allowed: auto, cpu, cuda, cuda:N, mps)")
     return torch.device(preference)
 
 
-def pick_dtype(preference: str, device: torch.device) -> torch.dtype:
+def pick_dtype(preference: str | torch.dtype, device: torch.device) -> torch.dtype:
     """Compute dtype: "auto" → bf16 on GPUs that support it, fp32 on CPU (fp32 matmul is faster
-    than bf16 on CPUs without AMX) and on MPS."""
+    than bf16 on CPUs without AMX) and on MPS; or fp32/float32, bf16/bfloat16, fp16/float16."""
+    if isinstance(preference, torch.dtype):
+        return preference
     if preference == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
     if preference not in _DTYPES:
-        raise UserError(f"unknown dtype {preference!r} (allowed: auto, fp32, bf16, fp16)")
+        raise UserError(f"unknown dtype {preference!r} (allowed: auto, {', '.join(_DTYPES)})")
     return _DTYPES[preference]
 
 

@@ -4,7 +4,7 @@ Each detector is a regular expression for candidates plus, where the data carrie
 checksum that confirms them, so ordinary numbers survive: credit-card numbers must pass the
 Luhn check (ISO/IEC 7812-1), IBANs the ISO 13616 mod-97 check, IPv6 addresses must parse
 (`ipaddress`), and phone numbers need a country code (+CC, 8-15 digits, ITU-T E.164) or the
-US layout (NPA) NXX-XXXX with separators. Dates, times, versions, prices and plain numbers
+US layout (area code, exchange, 4-digit line) with separators. Dates, times, versions, prices and plain numbers
 are left alone. `scrub_pii.py` replaces the matches with typed placeholders.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from tokenizers import Tokenizer
 
-from inference.engine.loading import load_model, resolve_device, resolve_dtype
+from inference.engine.loading import load_model
 from inference.engine.model_runner import ModelRunner, Row
 from inference.engine.paged_cache import (
     PagedKVCache,
@@ -36,6 +36,7 @@ from inference.engine.scheduler import Scheduler
 from inference.engine.sequence import Sequence
 from inference.engine.speculative import LogprobEntry, SpeculativeDecoder
 from model.config import ModelConfig
+from utils.device import pick_device, pick_dtype
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -137,8 +138,8 @@ class LLMEngine:
         draft_checkpoint: Optional[Union[str, Path]] = None,
         num_speculative_tokens: int = 4,
     ) -> None:
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
         loaded = load_model(checkpoint, self.device, self.dtype, adapter)
         self.model, self.config = loaded.model, loaded.config
         self.tokenizer: Optional[Tokenizer] = loaded.tokenizer

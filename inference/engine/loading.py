@@ -26,15 +26,7 @@ from data_pipeline.formats import EOS_TOKEN
 from model.build import keep_fp32_modules
 from model.config import ModelConfig
 from model.transformer import Transformer
-from utils.device import pick_device
 from utils.errors import UserError
-
-DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}
-
 
 @dataclass
 class LoadedModel:
@@ -43,32 +35,6 @@ class LoadedModel:
     tokenizer: Optional[Tokenizer]  # None when the directory has no tokenizer.json
     tokenizer_file: Optional[Path]
     eos_token_id: Optional[int]
-
-
-def resolve_device(name: Union[str, torch.device]) -> torch.device:
-    """"auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps"; unavailable -> UserError."""
-    name = str(name)
-    if name.startswith("cuda:"):
-        index = name.split(":", 1)[1]
-        if not index.isdigit():
-            raise UserError(f"unknown device {name!r} (allowed: auto, cpu, cuda, cuda:N, mps)")
-        if not torch.cuda.is_available() or int(index) >= torch.cuda.device_count():
-            raise UserError(f"device {name} requested but it is not available")
-        return torch.device(name)
-    return pick_device(name)
-
-
-def resolve_dtype(name: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
-    """"auto" (bf16 on GPUs that support it, else fp32), or fp32/float32, bf16/bfloat16, fp16/float16."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
-        raise UserError(f"unknown dtype {name!r} (allowed: auto, {', '.join(DTYPES)})")
-    return DTYPES[name]
 
 
 def _read_json(path: Path) -> dict:
