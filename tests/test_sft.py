@@ -238,7 +238,7 @@ def test_chat_reply_follows_the_template(env: SFTEnv, tmp_path: Path) -> None:
     ct = ChatTokenizer.wrap(Tokenizer.from_file(str(final / "tokenizer.json")))
     for record in records:
         prompt = encode_prompt(ct, [{"role": "user", "content": record["instruction"]}])
-        reply = generate(model, prompt, max_new_tokens=60, eos_id=ct.im_end_id)
+        reply = generate(model, prompt, max_new_tokens=60, stop_ids={ct.im_end_id})
         assert reply[-1] == ct.im_end_id, ct.tok.decode(reply, skip_special_tokens=False)
         assert ct.tok.decode(reply[:-1]).strip()  # some text before the end of the turn
 
