@@ -22,6 +22,7 @@ import uvicorn
 from data_pipeline.formats import IM_END
 from data_pipeline.tokenizer.io import write_hf_configs
 from data_pipeline.tokenizer.train_tokenizer import train_hf
+from inference.engine.llm_engine import StepOutput  # the fake emits the real engine's records
 
 STORIES = [
     "Once upon a time there was a little cat. The cat liked to play in the sun.",
@@ -84,18 +85,6 @@ class LiveServer:
 
 
 # ---------------------------------------------------------------------------- a scripted engine
-@dataclass
-class StepOutput:
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finished: bool
-    finish_reason: Optional[str]
-    logprobs: Optional[list] = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
 @dataclass
 class _Seq:
     rid: str

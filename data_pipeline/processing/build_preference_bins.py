@@ -28,7 +28,8 @@ from typing import Optional
 from data_pipeline.builtin import generate_preferences
 from data_pipeline.chat import ChatTokenizer, Message, check_messages, encode_prompt, encode_response
 from data_pipeline.formats import COMMANDS, SPLITS, TokenBinWriter, bin_nbytes, file_sha256, token_dtype
-from data_pipeline.processing.common import (add_data_dir_arg, check_fields, layout_from, load_tokenizer,
+from data_pipeline.processing.common import (add_chat_bin_args, check_fields, check_max_seq_len, layout_from,
+                                             load_tokenizer,
                                              progress, read_records, sharegpt_messages, split_indices, summary,
                                              text_field)
 from utils.errors import UserError, cli_main
@@ -142,12 +143,8 @@ def encode_pair(ct: ChatTokenizer, pair: Pair, max_len: int) -> Optional[tuple[l
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_dir_arg(p)
-    p.add_argument("--input", default=None,
-                   help="HH-RLHF / conversations / prompt-form JSON or JSONL, optionally .gz (default: built-in)")
-    p.add_argument("--max_seq_len", type=int, default=512, help="longest prompt + reply in tokens")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="fraction of pairs held out (default 0.05)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split and the built-in data")
+    add_chat_bin_args(p, "HH-RLHF / conversations / prompt-form JSON or JSONL, optionally .gz (default: built-in)",
+                      "longest prompt + reply in tokens", "pairs")
     p.add_argument("--num_pairs", type=int, default=1000, help="built-in pairs")
     return p.parse_args(argv)
 
@@ -155,8 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     layout = layout_from(args)
-    if args.max_seq_len < 8:
-        raise UserError(f"--max_seq_len must be at least 8, got {args.max_seq_len}")
+    check_max_seq_len(args.max_seq_len)
     ct, tok_hash = load_tokenizer(layout)
     t0 = time.perf_counter()
     input_path = resolve_path(args.input) if args.input else None

@@ -24,7 +24,8 @@ from typing import Optional
 from data_pipeline.builtin import generate_conversations, generate_instructions
 from data_pipeline.chat import Message, check_messages, encode_chat
 from data_pipeline.formats import COMMANDS, SPLITS, TokenBinWriter, bin_nbytes, file_sha256, token_dtype
-from data_pipeline.processing.common import (add_data_dir_arg, check_fields, layout_from, load_tokenizer,
+from data_pipeline.processing.common import (add_chat_bin_args, check_fields, check_max_seq_len, layout_from,
+                                             load_tokenizer,
                                              progress, read_records, sharegpt_messages, split_indices, summary,
                                              text_field)
 from utils.errors import UserError, cli_main
@@ -88,12 +89,8 @@ def load_conversations(input_path: Optional[Path], num_instructions: int, num_co
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_dir_arg(p)
-    p.add_argument("--input", default=None,
-                   help="Alpaca / ShareGPT / OpenAI-messages JSON or JSONL, optionally .gz (default: built-in data)")
-    p.add_argument("--max_seq_len", type=int, default=512, help="longest sample in tokens; longer ones are truncated")
-    p.add_argument("--val_fraction", type=float, default=0.05, help="fraction of samples held out (default 0.05)")
-    p.add_argument("--seed", type=int, default=1337, help="seed of the train/val split and the built-in data")
+    add_chat_bin_args(p, "Alpaca / ShareGPT / OpenAI-messages JSON or JSONL, optionally .gz (default: built-in data)",
+                      "longest sample in tokens; longer ones are truncated", "samples")
     p.add_argument("--num_instructions", type=int, default=2000, help="built-in single-turn samples")
     p.add_argument("--num_conversations", type=int, default=500, help="built-in multi-turn samples")
     return p.parse_args(argv)
@@ -102,8 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     layout = layout_from(args)
-    if args.max_seq_len < 8:
-        raise UserError(f"--max_seq_len must be at least 8, got {args.max_seq_len}")
+    check_max_seq_len(args.max_seq_len)
     ct, tok_hash = load_tokenizer(layout)
     t0 = time.perf_counter()
     input_path = resolve_path(args.input) if args.input else None

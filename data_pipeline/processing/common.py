@@ -23,6 +23,20 @@ def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
                         help="data directory every step reads from and writes to (default: data/)")
 
 
+def add_chat_bin_args(parser: argparse.ArgumentParser, input_help: str, max_len_help: str, item: str) -> None:
+    """Options shared by the SFT and preference bin builders."""
+    add_data_dir_arg(parser)
+    parser.add_argument("--input", default=None, help=input_help)
+    parser.add_argument("--max_seq_len", type=int, default=512, help=max_len_help)
+    parser.add_argument("--val_fraction", type=float, default=0.05, help=f"fraction of {item} held out (default 0.05)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/val split and the built-in data")
+
+
+def check_max_seq_len(max_seq_len: int) -> None:
+    if max_seq_len < 8:
+        raise UserError(f"--max_seq_len must be at least 8, got {max_seq_len}")
+
+
 def layout_from(args: argparse.Namespace) -> DataLayout:
     """The data layout of `--data_dir` (relative paths: from the repo root, like every script)."""
     return DataLayout(resolve_path(args.data_dir))
