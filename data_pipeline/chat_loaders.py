@@ -129,7 +129,8 @@ class PreferenceLoader(ShardedLoader):
     Batch (all int64): for side in (chosen, rejected): `{side}_input_ids` (B, T),
     `{side}_labels` (B, T) (-100 except where the next token is a response token),
     `{side}_loss_mask` (B, T) (1 where labels are a target) and `{side}_attention_mask` (B, T);
-    plus prompt_lengths (B,). Both sides share T (the longest sequence in the batch, or
+    plus prompt_lengths (B,) and pair_ids (B,) (the pairs' indices in the bin, e.g. to look up
+    precomputed reference log-probs). Both sides share T (the longest sequence in the batch, or
     `seq_len` when given for fixed shapes) so they can be run as one concatenated batch.
     """
 
@@ -144,33 +145,45 @@ class PreferenceLoader(ShardedLoader):
             raise UserError(f"{base}.bin holds pairs of up to {longest} tokens, more than seq_len {seq_len}: "
                             f"rebuild with `build_preference_bins.py --max_seq_len {seq_len}` or raise seq_len")
         self.seq_len = seq_len
+        self.longest = longest  # prompt + the longer reply, over all pairs
         self.pad_id = self.bin.sidecar.pad_id
 
     def _plan(self, epoch: int) -> np.ndarray:
         n = len(self.bin)
         return self._rng(epoch).permutation(n) if self.shuffle else np.arange(n)
 
+    def pair(self, i: int) -> list[np.ndarray]:
+        """Pair `i` as [prompt, chosen, rejected] token arrays (int64)."""
+        return [np.asarray(self.bin.item(int(i), p), dtype=np.int64) for p in range(3)]
+
     def _batch(self, units: np.ndarray) -> dict[str, torch.Tensor]:
-        pairs = [[np.asarray(self.bin.item(int(i), p), dtype=np.int64) for p in range(3)] for i in units]
+        pairs = [self.pair(i) for i in units]
         t = self.seq_len or max(len(pr) + max(len(c), len(r)) for pr, c, r in pairs)
-        b = len(pairs)
-        out: dict[str, np.ndarray] = {"prompt_lengths": np.array([len(p[0]) for p in pairs], dtype=np.int64)}
+        out: dict[str, np.ndarray] = {"prompt_lengths": np.array([len(p[0]) for p in pairs], dtype=np.int64),
+                                      "pair_ids": np.asarray(units, dtype=np.int64)}
         for side, part in (("chosen", 1), ("rejected", 2)):
-            ids = np.full((b, t), self.pad_id, dtype=np.int64)
-            labels = np.full((b, t), IGNORE_INDEX, dtype=np.int64)
-            attn = np.zeros((b, t), dtype=np.int64)
-            for r, p in enumerate(pairs):
-                seq = np.concatenate([p[0], p[part]])
-                mask = np.concatenate([np.zeros(len(p[0]), np.int64), np.ones(len(p[part]), np.int64)])
-                ids[r, :len(seq)] = seq
-                labels[r, :len(seq)] = sample_labels(seq, mask)
-                attn[r, :len(seq)] = 1
-            out[f"{side}_input_ids"] = ids
-            out[f"{side}_labels"] = labels
-            out[f"{side}_loss_mask"] = (labels != IGNORE_INDEX).astype(np.int64)
-            out[f"{side}_attention_mask"] = attn
+            rows = pad_prompt_responses([(p[0], p[part]) for p in pairs], self.pad_id, t)
+            out.update({f"{side}_{k}": v for k, v in rows.items()})
         return {k: torch.from_numpy(v) for k, v in out.items()}
 
     def _fingerprint(self) -> dict[str, Any]:
         return {**self._base_fingerprint(), "num_items": len(self.bin),
                 "tokenizer_hash": self.bin.sidecar.tokenizer_hash}
+
+
+def pad_prompt_responses(rows: list[tuple[np.ndarray, np.ndarray]], pad_id: int, seq_len: int) -> dict[str, np.ndarray]:
+    """(prompt, response) token arrays → right-padded (B, seq_len) int64 arrays: input_ids,
+    labels (-100 except where the next token is a response token), loss_mask (labels are a
+    target) and attention_mask (1 on real tokens)."""
+    b = len(rows)
+    ids = np.full((b, seq_len), pad_id, dtype=np.int64)
+    labels = np.full((b, seq_len), IGNORE_INDEX, dtype=np.int64)
+    attn = np.zeros((b, seq_len), dtype=np.int64)
+    for r, (prompt, response) in enumerate(rows):
+        seq = np.concatenate([prompt, response])
+        mask = np.concatenate([np.zeros(len(prompt), np.int64), np.ones(len(response), np.int64)])
+        ids[r, :len(seq)] = seq
+        labels[r, :len(seq)] = sample_labels(seq, mask)
+        attn[r, :len(seq)] = 1
+    return {"input_ids": ids, "labels": labels, "loss_mask": (labels != IGNORE_INDEX).astype(np.int64),
+            "attention_mask": attn}

@@ -40,7 +40,9 @@ from model.hf import HFFormatError, load_hf_dir
 from model.lora import apply_lora
 from model.moe import Router
 from model.qlinear import NF4Linear, path_matches, quantize_model, set_submodule
+from model.reward import RewardModel
 from model.transformer import Transformer
+from utils.checkpoint import CAUSAL_LM, REWARD_MODEL, TASK_KEY
 from utils.errors import UserError
 
 ADAPTER_MARKERS = (".base_layer.", ".lora_A", ".lora_B", ".qweight.")  # names only adapter/4-bit models have
@@ -56,6 +58,7 @@ class BaseModelSource:
     kind: Literal["checkpoint", "huggingface"]
     config: ModelConfig
     _hf_state: Optional[Tensors] = field(default=None, repr=False)
+    task: str = CAUSAL_LM  # CAUSAL_LM or REWARD_MODEL (config.json "task")
 
     @classmethod
     def open(cls, path: Path) -> "BaseModelSource":
@@ -78,6 +81,7 @@ class BaseModelSource:
                 raise UserError(f"{what}: {e}") from None
             return cls(path, "huggingface", config, state)
         raw.pop("format_version", None)
+        task = raw.pop(TASK_KEY, CAUSAL_LM)
         if not (path / "model.safetensors").is_file():
             raise UserError(f"{what} has no model.safetensors")
         try:
@@ -91,7 +95,13 @@ class BaseModelSource:
         if wrapped is not None:
             raise UserError(f"{what} is a LoRA/QLoRA training checkpoint (it holds {wrapped!r}): start from "
                             "its merged weights (--merge_and_save) or from its base model")
-        return cls(path, "checkpoint", config)
+        return cls(path, "checkpoint", config, task=task)
+
+    def require_policy(self, what: str = "checkpointing.init_from") -> None:
+        """Refuse a reward model where a language model (a policy) is expected."""
+        if self.task == REWARD_MODEL:
+            raise UserError(f"{what} {self.path} is a reward model (config.json task=reward_model), not a language "
+                            "model: start from a pretrained or SFT checkpoint")
 
     def _hf(self) -> Tensors:
         if self._hf_state is None:
@@ -145,8 +155,19 @@ def units(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
+REWARD_FRESH = ("score.weight",)  # a reward model built from a policy starts its score head fresh
+
+
+def reward_ignored(name: str) -> bool:
+    """Base tensors a reward model does not use: the LM head and the MTP modules."""
+    return name == "lm_head.weight" or name.startswith("mtp.")
+
+
 def check_names(source: BaseModelSource, model: nn.Module) -> None:
     expected, found = set(model.state_dict()), set(source.names())
+    if isinstance(model, RewardModel):
+        found = {n for n in found if not reward_ignored(n)}
+        expected -= set(REWARD_FRESH) - found
     for names, what in ((expected - found, "lacks"), (found - expected, "has an unexpected")):
         if names:
             raise UserError(f"the weights of {source.path} do not fit its model config: it {what} tensor "
@@ -186,16 +207,32 @@ def quantize_unit(model: nn.Module, path: str, unit: nn.Module, skips: list[str]
 
 
 def build_sft_model(source: BaseModelSource, cfg: SFTConfig, method: str, device: torch.device,
-                    compute_dtype: torch.dtype) -> nn.Module:
+                    compute_dtype: torch.dtype, reward: bool = False) -> nn.Module:
     """The model to train (see the module docstring), on `device`. ``cfg.model`` is the
-    resolved config; LoRA/QLoRA freeze everything but the adapters."""
+    resolved config; LoRA/QLoRA freeze everything but the adapters.
+
+    ``reward=True`` builds a `model.reward.RewardModel` instead: the base's LM head and MTP
+    modules are left out, and the ``score`` head — fresh (N(0, 0.02²), seeded by the caller's
+    RNG) unless the base is a reward model already — stays dense and in fp32.
+    """
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        model = RewardModel(cfg.model) if reward else Transformer(cfg.model)
     check_names(source, model)
     skips = quantize_skips(model, cfg) if method == "qlora" else []
+    if reward:
+        skips.append("score")
+    have = set(source.names()) if reward else set()
     for path, unit in units(model):
         local = list(unit.state_dict())
         if not local:
+            continue
+        if reward and path == "score":
+            unit.to_empty(device="cpu")
+            if "score.weight" in have:
+                unit.load_state_dict({"weight": source.take(["score.weight"])["score.weight"].float()})
+            else:
+                model.reset_score()
+            unit.float().to(device)
             continue
         weights = source.take([f"{path}.{k}" for k in local])
         unit.load_state_dict({k: weights[f"{path}.{k}"] for k in local}, strict=True, assign=True)

@@ -24,9 +24,10 @@ layout) is in `model.lora_io`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
-from typing import Literal, Optional, Union
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +96,7 @@ class LoraLinear(nn.Module):
             self.lora_B.weight.zero_()
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.disabled = False  # `disable_adapters`: compute the base alone (e.g. a DPO reference)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
@@ -110,14 +112,14 @@ class LoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The effective weight (out, in): base + scaling * B A unless already merged (differentiable in A, B)."""
         w = self.base_layer.weight
-        if self.merged:
+        if self.merged or self.disabled:
             return w
         return (w.to(torch.promote_types(w.dtype, torch.float32)) + self.delta_weight()).to(w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., in) -> (..., out)
         out = self.base_layer(x)
-        if self.merged:
+        if self.merged or self.disabled:
             return out
         a = self.lora_A.weight
         lora = self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype))))  # (..., out)
@@ -183,6 +185,7 @@ class LoraExperts(StackedExperts):
             self.lora_A[name] = nn.Parameter(a)
             self.lora_B[name] = nn.Parameter(torch.zeros(self.n_experts, out_f, r, device=device, dtype=pdtype))
         self.merged = False
+        self.disabled = False  # `disable_adapters`: compute the base alone
 
     def _base_dense(self, name: str) -> torch.Tensor:
         return getattr(self.base_layer, name)
@@ -198,7 +201,7 @@ class LoraExperts(StackedExperts):
         base = self.base_layer.expert_weights()
         adapters = []
         for name in self.proj_names:
-            if name in self.names and not self.merged:
+            if name in self.names and not (self.merged or self.disabled):
                 adapters.append(list(zip(self.lora_A[name].unbind(0), self.lora_B[name].unbind(0))))
             else:
                 adapters.append([(None, None)] * self.n_experts)
@@ -349,3 +352,25 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     for _, m in lora_modules(model):
         m.unmerge()
     return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """``with disable_adapters(model):`` the model computes its base weights alone.
+
+    The adapters stay in place (nothing is copied or merged): this is how a LoRA / QLoRA
+    policy serves as its own reference model in DPO-style training (the base *is* the
+    reference), with no second copy of the weights in memory. Merged adapters cannot be
+    switched off (their delta is inside the base weight): that is an error.
+    """
+    modules = [m for _, m in lora_modules(model)]
+    if any(m.merged for m in modules):
+        raise RuntimeError("disable_adapters: some adapters are merged into their base weights; unmerge them first")
+    before = [m.disabled for m in modules]
+    for m in modules:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(modules, before):
+            m.disabled = b

@@ -200,7 +200,7 @@ def save_training_checkpoint(trainer: Any, final: bool = False) -> Optional[Path
     ``final=True`` writes ``checkpoints/final`` (weights + tokenizer, no training state).
     """
     model_state = full_state_dict(trainer.model)
-    model_config = trainer.cfg.model.model_dump(mode="json")
+    model_config = {**trainer.cfg.model.model_dump(mode="json"), **getattr(trainer, "checkpoint_config", {})}
     if final:
         path = trainer.ckpt.save_final(model_state, model_config, _meta(trainer), trainer.tokenizer_dir)
         barrier()

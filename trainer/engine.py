@@ -33,7 +33,7 @@ from model.moe import moe_load_stats, moe_modules, update_moe_biases
 from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, wrap_model
 from trainer.evaluation import TextSampler, evaluate, to_device
-from trainer.losses import Batch, LossFn, count_targets, micro_batch_objective
+from trainer.losses import Batch, LossFn, batch_tokens, count_targets, micro_batch_objective
 from trainer.metrics import MetricsLogger, Throughput, mfu, peak_flops, peak_memory_gb
 from trainer.optim import build_optimizer, set_lr
 from trainer.schedule import lr_multiplier
@@ -70,6 +70,8 @@ class Trainer:
         tokenizer_dir: copied into every checkpoint so inference can load it alone.
         sampler: sample generations for the log (`TextSampler`), None disables them.
         flops_per_token: training FLOPs per token, for MFU (None → no MFU).
+        checkpoint_config: extra config.json fields of every checkpoint (a reward model's
+            ``{"task": "reward_model"}``, `utils.checkpoint.TASK_KEY`).
     """
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, loss_fn: LossFn, train_data: Iterator[Batch],
@@ -79,7 +81,7 @@ class Trainer:
                  trainable: Optional[ParamFilter] = None,
                  optimizer_factory: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
                  tokenizer_dir: Optional[Path] = None, sampler: Optional[TextSampler] = None,
-                 flops_per_token: Optional[float] = None) -> None:
+                 flops_per_token: Optional[float] = None, checkpoint_config: Optional[dict] = None) -> None:
         self.cfg, self.tcfg = cfg, cfg.training
         self.loss_fn, self.count_fn = loss_fn, count_fn
         self.train_data, self.val_data = train_data, val_data
@@ -87,6 +89,7 @@ class Trainer:
         self.device = dist.device
         self.dtype = pick_dtype(self.tcfg.dtype, self.device)
         self.tokenizer_dir, self.sampler, self.flops_per_token = tokenizer_dir, sampler, flops_per_token
+        self.checkpoint_config = dict(checkpoint_config or {})
 
         if trainable is not None:
             for name, p in model.named_parameters():
@@ -228,7 +231,7 @@ class Trainer:
         logged = dict(zip(names[1:], values[1:]))
         if out.aux_loss is not None:
             logged["aux"] = packed[-1].item() / self.dist.world_size  # mean over micro-batches and ranks
-        local = sum(int(b["input_ids"].numel()) if "input_ids" in b else self.count_fn(b) for b in micro)
+        local = sum(batch_tokens(b) or self.count_fn(b) for b in micro)
         self.throughput.add(local * self.dist.world_size)
         return {"loss": values[0], "sums": logged, "tokens": local * self.dist.world_size}
 
@@ -338,8 +341,9 @@ class Trainer:
         self.last_val, self.last_val_step = result, self.step
         best = self.ckpt.is_best(result["val_loss"])
         self._record({**result, "best": best})
-        logger.info("step %d | val loss %.4f | ppl %.2f%s", self.step, result["val_loss"], result["val_ppl"],
-                    " (best)" if best else "")
+        shown = [f"{k[len('val_'):]} {v:.4g}" for k, v in result.items() if k not in ("val_loss", "val_tokens")]
+        logger.info("step %d | val loss %.4f%s%s", self.step, result["val_loss"],
+                    "".join(f" | {s}" for s in shown), " (best)" if best else "")
         return result
 
     def save(self) -> Optional[Path]:

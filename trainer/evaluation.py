@@ -31,20 +31,35 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn, num_batches: int,
              device: torch.device, amp: Callable[[], ContextManager]) -> dict[str, float]:
-    """Mean validation cross-entropy and perplexity over `num_batches` batches per rank."""
+    """Validation over `num_batches` batches per rank: ``val_loss`` (the mean cross-entropy
+    when the loss logs one as ``ce``, else the mean of the loss itself), ``val_ppl`` (for
+    cross-entropy), and ``val_<name>`` for every other logged sum (e.g. ``val_rewards/accuracies``
+    of preference training), each a mean over all ranks' targets."""
     was_training = model.training
     model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of CE, target count)
+    names: list[str] = []
+    has_ce = False
+    totals: Optional[torch.Tensor] = None  # (sum of the loss, sums of the logged values..., target count)
     for _, batch in zip(range(num_batches), batches):
         batch = to_device(batch, device)
         with amp():
             out = loss_fn(model, batch)
-        totals[0] += out.sums.get("ce", out.loss_sum).detach().double()
-        totals[1] += out.n_tokens
+        if totals is None:
+            names, has_ce = [k for k in out.sums if k != "ce"], "ce" in out.sums
+            totals = torch.zeros(len(names) + 2, dtype=torch.float64, device=device)
+        values = [out.sums.get("ce", out.loss_sum)] + [out.sums[k] for k in names]
+        totals[:-1] += torch.stack([v.detach().double().reshape(()) for v in values])
+        totals[-1] += out.n_tokens
+    if totals is None:
+        raise UserError("validation got no batch: the validation data is empty")
     all_reduce_sum(totals)
     model.train(was_training)
-    loss = (totals[0] / totals[1].clamp(min=1)).item()
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(totals[1].item())}
+    means = (totals[:-1] / totals[-1].clamp(min=1)).tolist()
+    result = {"val_loss": means[0], "val_tokens": int(totals[-1].item())}
+    if has_ce or not names:  # a plain loss without logged sums is a cross-entropy too
+        result["val_ppl"] = math.exp(min(means[0], 50.0))
+    result.update({f"val_{k}": v for k, v in zip(names, means[1:])})
+    return result
 
 
 def sample_next(logits: torch.Tensor, top_k: int, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -60,6 +60,11 @@ def count_targets(batch: Batch, key: str = "labels", ignore_index: int = IGNORE_
     return int((batch[key] != ignore_index).sum())
 
 
+def batch_tokens(batch: Batch) -> int:
+    """Input tokens of a batch (every ``*input_ids`` tensor, padding included), for throughput."""
+    return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
+
+
 def micro_batch_objective(out: LossOutput, global_tokens: int, world_size: int, grad_accum: int) -> Tensor:
     """The scalar to back-propagate for one micro-batch.
 

@@ -35,6 +35,10 @@ TOKENIZER_FILES = (
     "chat_template.jinja", "tokenizer.model",
 )
 _STRIP_PREFIXES = ("_orig_mod.", "module.")
+# config.json of a checkpoint that is not a causal LM says what it is: {"task": "reward_model", ...}.
+# Absent means a causal language model (a policy). Loaders that expect one kind refuse the other.
+TASK_KEY = "task"
+CAUSAL_LM, REWARD_MODEL = "causal_lm", "reward_model"
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     meta: dict = field(default_factory=dict)
     training_state: Optional[dict] = None
+    task: str = CAUSAL_LM  # CAUSAL_LM or REWARD_MODEL (config.json's "task"; not part of model_config)
 
     @property
     def tokenizer_dir(self) -> Optional[Path]:
@@ -225,6 +230,7 @@ def load_checkpoint(ckpt_dir: str | Path, load_training_state: bool = False, map
     except json.JSONDecodeError as e:
         raise UserError(f"corrupt {path / 'config.json'}: {e}") from None
     config.pop("format_version", None)
+    task = config.pop(TASK_KEY, CAUSAL_LM)
     state_dict = load_file(str(path / "model.safetensors"), device=map_location)
     meta = json.loads((path / "meta.json").read_text()) if (path / "meta.json").exists() else {}
     training_state = None
@@ -233,7 +239,17 @@ def load_checkpoint(ckpt_dir: str | Path, load_training_state: bool = False, map
         if not (ts / "state.json").exists():
             raise UserError(f"checkpoint has no training_state/ to resume from: {path}")
         training_state = load_state_tree(ts)
-    return Checkpoint(path=path, model_config=config, state_dict=state_dict, meta=meta, training_state=training_state)
+    return Checkpoint(path=path, model_config=config, state_dict=state_dict, meta=meta, training_state=training_state,
+                      task=task)
+
+
+def checkpoint_task(path: str | Path) -> str:
+    """What a checkpoint directory holds, from its config.json alone: CAUSAL_LM or REWARD_MODEL."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return CAUSAL_LM
+    return config.get(TASK_KEY, CAUSAL_LM) if isinstance(config, dict) else CAUSAL_LM
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
