@@ -19,6 +19,12 @@ Weight names map one to one (``model.layers.3.self_attn.q_proj.weight`` ↔
 - DeepSeek-V3 multi-token prediction: layer ``num_hidden_layers + k`` of the checkpoint
   (``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm`` and a full block) ↔ ``mtp.{k}``;
   its copies of the embedding and head are dropped on import and written back on export.
+
+Reward models (`model.reward.RewardModel`) go out as ``<Family>ForSequenceClassification`` with
+one label: the same backbone names under ``model.``, no ``lm_head``, plus ``score.weight``, and a
+``pad_token_id`` in config.json (transformers reads the reward at the last token that is not
+padding). `load_hf_reward_dir` / `save_hf_reward_dir` convert them; `load_hf_dir` refuses them,
+and `load_hf_reward_dir` refuses a causal LM, so neither kind passes as the other.
 """
 from __future__ import annotations
 
@@ -32,12 +38,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
-from model.hf_config import HFFormatError, config_from_hf, config_to_hf
+from model.hf_config import HF_NAMES, HFFormatError, config_from_hf, config_to_hf
+from model.reward import RewardModel, reward_backbone_config
 from model.transformer import Transformer
 
 __all__ = [
     "HFFormatError", "config_from_hf", "config_to_hf", "state_dict_from_hf", "state_dict_to_hf",
-    "load_hf_dir", "save_hf_dir",
+    "load_hf_dir", "save_hf_dir", "is_reward_config", "load_hf_reward_dir", "save_hf_reward_dir", "reward_architecture",
 ]
 
 StateDict = dict[str, torch.Tensor]
@@ -45,6 +52,8 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)  # stale RoPE buffers saved by old
 _EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 _MTP_PARTS = {"enorm": "enorm", "hnorm": "hnorm", "eh_proj": "proj", "shared_head.norm": "norm"}
 _MTP_SHARED = ("embed_tokens", "shared_head.head")  # copies of the main embedding / head
+SEQ_CLS = "ForSequenceClassification"  # the suffix of transformers' reward-model architectures
+SCORE = "score.weight"  # the reward head, (1, dim), the same name in both
 
 
 def _module_renames(cfg: ModelConfig) -> dict[str, str]:
@@ -63,10 +72,11 @@ def _rename(path: str, names: dict[str, str]) -> str:
     return ".".join(names.get(part, part) for part in path.split("."))
 
 
-def _expected_shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
-    """Name → shape of every tensor in our state dict, from a model built on the meta device."""
+def _expected_shapes(cfg: ModelConfig, reward: bool = False) -> dict[str, torch.Size]:
+    """Name → shape of every tensor in our state dict (a `RewardModel`'s when ``reward``), from a
+    model built on the meta device."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = RewardModel(cfg) if reward else Transformer(cfg)
     return {name: t.shape for name, t in model.state_dict().items()}
 
 
@@ -99,11 +109,14 @@ def _convert_mla_rope(sd: StateDict, cfg: ModelConfig, inverse: bool) -> None:
 
 
 # ---------------------------------------------------------------- HF → ours
-def state_dict_from_hf(sd: StateDict, cfg: ModelConfig, rope_interleave: bool = True) -> StateDict:
+def state_dict_from_hf(sd: StateDict, cfg: ModelConfig, rope_interleave: bool = True,
+                       reward: bool = False) -> StateDict:
     """Hugging Face tensor names/layouts → ours for ``cfg`` (checked against the model's shapes).
 
     ``rope_interleave`` is the checkpoint's DeepSeek-V3 ``rope_interleave`` flag (True, the
     default of transformers and of the released weights); other families ignore it.
+    ``reward``: ``sd`` is a ``*ForSequenceClassification`` (backbone + ``score.weight``), checked
+    against a `RewardModel` instead.
     """
     names = _module_renames(cfg)
     out: StateDict = {}
@@ -142,7 +155,7 @@ def state_dict_from_hf(sd: StateDict, cfg: ModelConfig, rope_interleave: bool = 
         out[stacked] = torch.stack([per_expert[j] for j in range(len(per_expert))])
     if cfg.attention_type == "mla" and rope_interleave:
         _convert_mla_rope(out, cfg, inverse=False)
-    _check_against_model(out, cfg)
+    _check_against_model(out, cfg, reward)
     return out
 
 
@@ -163,11 +176,12 @@ def _layer_name(idx: int, rest: str, cfg: ModelConfig, names: dict[str, str]) ->
     return f"mtp.{depth}.block.{_rename(rest, names)}"
 
 
-def _check_against_model(sd: StateDict, cfg: ModelConfig) -> None:
-    expected = _expected_shapes(cfg)
+def _check_against_model(sd: StateDict, cfg: ModelConfig, reward: bool = False) -> None:
+    expected = _expected_shapes(cfg, reward)
+    kind = "reward model" if reward else "model"
     for name, t in sd.items():
         if name not in expected:
-            raise HFFormatError(f"checkpoint tensor {name!r} has no place in a {cfg.family} model with this config")
+            raise HFFormatError(f"checkpoint tensor {name!r} has no place in a {cfg.family} {kind} with this config")
         if t.shape != expected[name]:
             raise HFFormatError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, "
                                 f"the config needs {tuple(expected[name])}")
@@ -178,9 +192,15 @@ def _check_against_model(sd: StateDict, cfg: ModelConfig) -> None:
 
 
 # ---------------------------------------------------------------- ours → HF
-def state_dict_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
-    """Our tensor names/layouts → Hugging Face ones (DeepSeek-V3 RoPE rows interleaved)."""
-    _check_against_model(sd, cfg)
+def state_dict_to_hf(sd: StateDict, cfg: ModelConfig, reward: bool = False) -> StateDict:
+    """Our tensor names/layouts → Hugging Face ones (DeepSeek-V3 RoPE rows interleaved).
+
+    ``reward``: ``sd`` is a `RewardModel`'s (no ``lm_head``, no MTP, a ``score.weight``), written
+    as a ``*ForSequenceClassification``.
+    """
+    if reward:
+        cfg = reward_backbone_config(cfg)
+    _check_against_model(sd, cfg, reward)
     sd = dict(sd)
     if cfg.attention_type == "mla":
         _convert_mla_rope(sd, cfg, inverse=True)
@@ -189,7 +209,7 @@ def state_dict_to_hf(sd: StateDict, cfg: ModelConfig) -> StateDict:
     for name, t in sd.items():
         if name == "embed.weight":
             out["model.embed_tokens.weight"] = t
-        elif name == "lm_head.weight":
+        elif name in ("lm_head.weight", SCORE):  # the same names in both
             out[name] = t
         elif name == "norm.weight":
             out["model.norm.weight"] = t
@@ -252,11 +272,16 @@ def read_hf_config(path: Union[str, os.PathLike]) -> dict:
         raise HFFormatError(f"{path / 'config.json'} is not valid JSON: {e}") from None
 
 
-def load_hf_dir(path: Union[str, os.PathLike]) -> tuple[ModelConfig, StateDict]:
-    """Read a Hugging Face model directory → (`ModelConfig`, our state dict), CPU tensors."""
-    path = Path(path)
-    hf = read_hf_config(path)
-    cfg = config_from_hf(hf)  # an unsupported config fails here, before any weights are read
+def is_reward_config(hf: dict) -> bool:
+    """Whether a ``config.json`` dict describes a ``*ForSequenceClassification`` (a reward model)."""
+    return any(str(a).endswith(SEQ_CLS) for a in hf.get("architectures") or [])
+
+
+def _architecture(hf: dict) -> str:
+    return ", ".join(map(str, hf.get("architectures") or [])) or "no architectures field"
+
+
+def _read_weights(path: Path) -> StateDict:
     raw: StateDict = {}
     for file in _weight_files(path):
         if not file.is_file():
@@ -264,9 +289,72 @@ def load_hf_dir(path: Union[str, os.PathLike]) -> tuple[ModelConfig, StateDict]:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():
                 raw[key] = f.get_tensor(key)
+    return raw
+
+
+def load_hf_dir(path: Union[str, os.PathLike]) -> tuple[ModelConfig, StateDict]:
+    """Read a Hugging Face causal-LM directory → (`ModelConfig`, our state dict), CPU tensors.
+
+    A sequence-classification (reward) directory is refused: use `load_hf_reward_dir`.
+    """
+    path = Path(path)
+    hf = read_hf_config(path)
+    if is_reward_config(hf):
+        raise HFFormatError(f"{path} is a reward model ({_architecture(hf)}), not a causal language model")
+    cfg = config_from_hf(hf)  # an unsupported config fails here, before any weights are read
+    raw = _read_weights(path)
+    if SCORE in raw:
+        raise HFFormatError(f"{path} holds a {SCORE!r} reward head: it is a reward model, not a causal language model")
     if cfg.family == "deepseek_v3" and any(k.startswith(f"model.layers.{cfg.n_layers}.") for k in raw):
         cfg = config_from_hf(hf, with_mtp=True)  # the checkpoint carries the MTP layers
     return cfg, state_dict_from_hf(raw, cfg, rope_interleave=hf.get("rope_interleave", True))
+
+
+def load_hf_reward_dir(path: Union[str, os.PathLike]) -> tuple[ModelConfig, StateDict]:
+    """Read a Hugging Face ``*ForSequenceClassification`` directory with one label →
+    (`ModelConfig`, a `RewardModel` state dict with ``score.weight``), CPU tensors.
+
+    A causal LM (or a classifier with more than one label) is refused with `HFFormatError`.
+    """
+    path = Path(path)
+    hf = read_hf_config(path)
+    cfg = config_from_hf(hf)  # no MTP modules: a reward model has none (DeepSeek's are dropped)
+    if hf.get("architectures") and not is_reward_config(hf):
+        raise HFFormatError(f"{path} is a causal language model ({_architecture(hf)}), not a reward model "
+                            f"(a *{SEQ_CLS} with one label)")
+    raw = _read_weights(path)
+    score = raw.get(SCORE)
+    if score is None:
+        raise HFFormatError(f"{path} has no {SCORE!r} head: it is not a reward model (a *{SEQ_CLS} with one label)")
+    if score.dim() != 2 or score.shape[0] != 1:
+        raise HFFormatError(f"{path}: {SCORE} has shape {tuple(score.shape)}; a reward model has one label "
+                            f"(num_labels=1, shape (1, {cfg.dim}))")
+    return cfg, state_dict_from_hf(raw, cfg, rope_interleave=hf.get("rope_interleave", True), reward=True)
+
+
+def reward_architecture(family: str) -> str:
+    """transformers' sequence-classification class of one of our families (Gemma 3: the text model's)."""
+    if family not in HF_NAMES:
+        raise HFFormatError(f"family {family!r} has no Hugging Face counterpart (supported: {', '.join(HF_NAMES)})")
+    if family == "gemma3":
+        return "Gemma3Text" + SEQ_CLS
+    return HF_NAMES[family][1].replace("ForCausalLM", SEQ_CLS)
+
+
+def _write_hf_dir(hf: dict, tensors: StateDict, path: Path) -> Path:
+    """config.json + model.safetensors (shared storage un-shared; the weights file replaced atomically)."""
+    path.mkdir(parents=True, exist_ok=True)
+    out, seen = {}, set()
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+        out[name] = t.clone() if key in seen else t  # safetensors refuses shared storage
+        seen.add(key)
+    tmp = path / ".model.safetensors.tmp"
+    save_file(out, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    return path
 
 
 def save_hf_dir(
@@ -276,20 +364,22 @@ def save_hf_dir(
 
     ``extra_config`` adds fields to config.json (e.g. ``bos_token_id`` / ``eos_token_id``).
     """
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     hf = config_to_hf(cfg)
     hf["torch_dtype"] = str(sd["embed.weight"].dtype).removeprefix("torch.")
     hf.update(extra_config or {})
-    tensors, seen = {}, set()
-    for name, t in state_dict_to_hf(sd, cfg).items():
-        t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
-        tensors[name] = t.clone() if key in seen else t  # safetensors refuses shared storage
-        seen.add(key)
-    tmp = path / ".model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    return path
+    return _write_hf_dir(hf, state_dict_to_hf(sd, cfg), Path(path))
 
+
+def save_hf_reward_dir(
+    cfg: ModelConfig, sd: StateDict, path: Union[str, os.PathLike], pad_token_id: int,
+    extra_config: Optional[dict] = None,
+) -> Path:
+    """Write a `RewardModel` state dict as a directory ``AutoModelForSequenceClassification``
+    loads (``<Family>ForSequenceClassification``, one label, ``pad_token_id`` set)."""
+    cfg = reward_backbone_config(cfg)
+    hf = config_to_hf(cfg)
+    hf.update(architectures=[reward_architecture(cfg.family)], id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0},
+              torch_dtype=str(sd["embed.weight"].dtype).removeprefix("torch."))
+    hf.update(extra_config or {})
+    hf["pad_token_id"] = pad_token_id
+    return _write_hf_dir(hf, state_dict_to_hf(sd, cfg, reward=True), Path(path))

@@ -7,6 +7,10 @@ Families: llama (2, 3), qwen2, qwen3, mistral, gemma2, gemma3 (text), deepseek_v
 `model/hf.py`). Tokenizer files present in the source directory are copied along. The
 special token ids of an imported config are kept in the checkpoint's meta.json and written
 back on export; a checkpoint trained here gets them from its own tokenizer.json.
+
+Reward models go both ways too: a reward-model checkpoint (config.json ``"task": "reward_model"``)
+exports as ``<Family>ForSequenceClassification`` with one label and the tokenizer's pad token
+id; a Hugging Face ``*ForSequenceClassification`` directory imports as a reward-model checkpoint.
 """
 from __future__ import annotations
 
@@ -23,8 +27,10 @@ from pydantic import ValidationError  # noqa: E402
 
 from data_pipeline.formats import EOS_TOKEN, PAD_TOKEN  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
-from model.hf import HFFormatError, load_hf_dir, read_hf_config, save_hf_dir  # noqa: E402
-from utils.checkpoint import TOKENIZER_FILES, copy_tokenizer_files, load_checkpoint, save_checkpoint  # noqa: E402
+from model.hf import (HFFormatError, is_reward_config, load_hf_dir, load_hf_reward_dir, read_hf_config,  # noqa: E402
+                      save_hf_dir, save_hf_reward_dir)
+from utils.checkpoint import (CAUSAL_LM, REWARD_MODEL, TASK_KEY, TOKENIZER_FILES, checkpoint_task,  # noqa: E402
+                              copy_tokenizer_files, load_checkpoint, save_checkpoint)
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.paths import resolve_path  # noqa: E402
 
@@ -32,12 +38,14 @@ TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def hf_to_checkpoint(hf_dir: Path, out: Path) -> ModelConfig:
-    """Import a Hugging Face directory into a checkpoint directory at ``out``."""
+    """Import a Hugging Face directory into a checkpoint directory at ``out`` (a causal LM, or a
+    reward model from a ``*ForSequenceClassification``)."""
     if not hf_dir.is_dir():
         raise UserError(f"--hf_dir {hf_dir} is not a directory")
     try:
         hf_config = read_hf_config(hf_dir)
-        cfg, state_dict = load_hf_dir(hf_dir)
+        reward = is_reward_config(hf_config)
+        cfg, state_dict = (load_hf_reward_dir if reward else load_hf_dir)(hf_dir)
     except HFFormatError as e:
         raise UserError(f"--hf_dir {hf_dir}: {e}") from None
     has_tokenizer = any((hf_dir / name).is_file() for name in TOKENIZER_FILES)
@@ -46,7 +54,8 @@ def hf_to_checkpoint(hf_dir: Path, out: Path) -> ModelConfig:
         "hf_model_type": hf_config.get("model_type"),
         "hf_token_ids": {k: hf_config[k] for k in TOKEN_ID_FIELDS if hf_config.get(k) is not None},
     }
-    save_checkpoint(out, state_dict, cfg.model_dump(), tokenizer_dir=hf_dir if has_tokenizer else None, meta=meta)
+    model_config = {**cfg.model_dump(), TASK_KEY: REWARD_MODEL} if reward else cfg.model_dump()
+    save_checkpoint(out, state_dict, model_config, tokenizer_dir=hf_dir if has_tokenizer else None, meta=meta)
     return cfg
 
 
@@ -74,9 +83,18 @@ def checkpoint_to_hf(ckpt_dir: Path, out: Path) -> ModelConfig:
     except ValidationError as e:
         err = e.errors()[0]
         raise UserError(f"{ckpt_dir}/config.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    if ckpt.task not in (CAUSAL_LM, REWARD_MODEL):
+        raise UserError(f"{ckpt_dir}/config.json: unknown task {ckpt.task!r} (allowed: {CAUSAL_LM}, {REWARD_MODEL})")
     token_ids = ckpt.meta.get("hf_token_ids") or _tokenizer_token_ids(ckpt.path)
     try:
-        save_hf_dir(cfg, ckpt.state_dict, out, extra_config=token_ids)
+        if ckpt.task == REWARD_MODEL:
+            pad = token_ids.get("pad_token_id", _tokenizer_token_ids(ckpt.path).get("pad_token_id"))
+            if pad is None:
+                raise UserError(f"--checkpoint {ckpt_dir} is a reward model without a pad token id (no tokenizer.json "
+                                "with <|pad|> beside it): transformers reads the reward at the last non-pad token")
+            save_hf_reward_dir(cfg, ckpt.state_dict, out, pad, extra_config=token_ids)
+        else:
+            save_hf_dir(cfg, ckpt.state_dict, out, extra_config=token_ids)
     except HFFormatError as e:
         raise UserError(f"--checkpoint {ckpt_dir}: {e}") from None
     copy_tokenizer_files(ckpt.path, out)
@@ -102,7 +120,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             raise UserError("--checkpoint needs --to_hf DIR (and no --out)")
         source, target = resolve_path(args.checkpoint), resolve_path(args.to_hf)
         cfg = checkpoint_to_hf(source, target)
-    print(f"{source} -> {target} ({cfg.family}, {cfg.n_layers} layers, dim {cfg.dim})")
+    kind = ", reward model" if checkpoint_task(target if args.hf_dir is not None else source) == REWARD_MODEL else ""
+    print(f"{source} -> {target} ({cfg.family}{kind}, {cfg.n_layers} layers, dim {cfg.dim})")
 
 
 if __name__ == "__main__":

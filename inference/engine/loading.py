@@ -9,7 +9,9 @@
 
 The model is built on the meta device and takes the loaded tensors as its parameters (no random
 init), then moves to the device and dtype. Every user mistake (missing path, not a checkpoint,
-config or weights that do not fit, bad adapter) is a `UserError` with one line.
+config or weights that do not fit, bad adapter) is a `UserError` with one line. A reward model
+(our config.json with ``"task": "reward_model"``, or a Hugging Face ``*ForSequenceClassification``)
+is refused: it scores text and has no language-model head (`align/score.py` runs it).
 """
 from __future__ import annotations
 
@@ -51,6 +53,7 @@ def _load_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dic
     if not (path / "config.json").is_file():
         raise UserError(f"not a checkpoint directory (no config.json): {path}")
     raw = _read_json(path / "config.json")
+    _refuse_reward_model(path, raw)
     if "model_type" in raw:  # a Hugging Face transformers directory
         from model.hf import HFFormatError, load_hf_dir
 
@@ -69,6 +72,20 @@ def _load_weights(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dic
         where = ".".join(str(p) for p in first["loc"]) or "config"
         raise UserError(f"{path / 'config.json'}: {where}: {first['msg']}") from None
     return cfg, ckpt.state_dict, raw
+
+
+def _refuse_reward_model(path: Path, raw: dict) -> None:
+    """A reward model cannot generate: one clear line instead of a weights mismatch."""
+    from model.hf import is_reward_config
+    from utils.checkpoint import REWARD_MODEL, TASK_KEY
+
+    if raw.get(TASK_KEY) == REWARD_MODEL:
+        what = f"config.json {TASK_KEY}={REWARD_MODEL}"
+    elif is_reward_config(raw):
+        what = ", ".join(raw["architectures"])
+    else:
+        return
+    raise UserError(f"{path} is a reward model ({what}): it scores text, it does not generate; use align/score.py")
 
 
 def _build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: Path) -> Transformer:
