@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer
 
 from data_pipeline.chat import ChatTokenizer, Message, check_messages, encode_prompt, encode_response
+from inference.engine.loading import build_from_weights
 from model.build import keep_fp32_modules
 from model.config import ModelConfig
 from model.hf import HFFormatError, is_reward_config, load_hf_reward_dir
@@ -110,13 +111,7 @@ def load_reward_model(
     dtype = pick_dtype(dtype, device)
     cfg, state_dict = _reward_weights(path)
     tokenizer = _chat_tokenizer(path, cfg.vocab_size)
-    with torch.device("meta"):
-        model = RewardModel(cfg)
-    try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())[:300]
-        raise UserError(f"the weights in {path} do not fit a reward model with its config ({detail})") from None
+    model = build_from_weights(cfg, state_dict, path, RewardModel)
     model = keep_fp32_modules(model.to(device=device, dtype=dtype)).eval()
     model.requires_grad_(False)
     return model, tokenizer

@@ -35,11 +35,10 @@ from align.data import build_preference_loaders, check_bins_exist
 from align.objectives import KTOObjective, PreferenceObjective, RewardObjective, example_count, pair_count
 from align.reference import (ModelReference, PrecomputedReference, compute_table, load_or_compute,
                              table_fingerprint)
-from data_pipeline.tokenizer.io import required_tokenizer_hash
-from finetune.base_model import BaseModelSource, build_sft_model, check_base_tokenizer
+from finetune.base_model import BaseModelSource, build_sft_model
 from finetune.config import LoraSection, check_method_sections, resolve_model_config
 from finetune.peft.adapters import AdapterTrainer, export_final, optimizer_factory, trainable_filter
-from finetune.sft import check_chat_template
+from finetune.sft import check_inputs
 from model import count_params
 from model.lora import lora_parameters
 from model.lora_io import merged_state_dict
@@ -104,13 +103,7 @@ def check_reference(section: AlignSection, method: str) -> None:
 def build_trainer(cfg: AlignConfig, method: str, source: BaseModelSource, dist: DistInfo, reward: bool,
                   resume: Optional[str] = None) -> Trainer:
     """Inputs checked, run directory created, model and reference built: the engine ready to `fit`."""
-    if method != "full" and dist.is_distributed and cfg.training.parallelism == "fsdp":
-        raise UserError("training.parallelism=fsdp is not supported with LoRA/QLoRA: the frozen base is not "
-                        "sharded and the adapters are small; use ddp")
-    tokenizer_dir = cfg.data.tokenizer_path()
-    tok_hash = required_tokenizer_hash(tokenizer_dir)
-    check_chat_template(tokenizer_dir)
-    check_base_tokenizer(source, tok_hash)
+    tokenizer_dir, tok_hash = check_inputs(cfg, method, source, dist)
     check_bins_exist(cfg)
     kto = not reward and cfg.align.method == "kto"
     train_data, val_data, val_loader = build_preference_loaders(cfg, dist.rank, dist.world_size, tok_hash, kto=kto)

@@ -36,7 +36,7 @@ from torch import nn
 from finetune.config import SFTConfig
 from model.build import keep_fp32_modules
 from model.config import ModelConfig
-from model.hf import HFFormatError, load_hf_dir
+from model.hf import HFFormatError, is_reward_config, load_hf_dir, load_hf_reward_dir
 from model.lora import apply_lora
 from model.moe import Router
 from model.qlinear import NF4Linear, path_matches, quantize_model, set_submodule
@@ -75,11 +75,12 @@ class BaseModelSource:
         except json.JSONDecodeError as e:
             raise UserError(f"{what}: config.json is not valid JSON ({e})") from None
         if "model_type" in raw:
+            reward = is_reward_config(raw)  # a *ForSequenceClassification directory
             try:
-                config, state = load_hf_dir(path)
+                config, state = load_hf_reward_dir(path) if reward else load_hf_dir(path)
             except HFFormatError as e:
                 raise UserError(f"{what}: {e}") from None
-            return cls(path, "huggingface", config, state)
+            return cls(path, "huggingface", config, state, task=REWARD_MODEL if reward else CAUSAL_LM)
         raw.pop("format_version", None)
         task = raw.pop(TASK_KEY, CAUSAL_LM)
         if not (path / "model.safetensors").is_file():
@@ -105,7 +106,8 @@ class BaseModelSource:
 
     def _hf(self) -> Tensors:
         if self._hf_state is None:
-            self._hf_state = load_hf_dir(self.path)[1]
+            load = load_hf_reward_dir if self.task == REWARD_MODEL else load_hf_dir
+            self._hf_state = load(self.path)[1]
         return self._hf_state
 
     def names(self) -> list[str]:

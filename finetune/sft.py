@@ -132,9 +132,10 @@ def prepare(cfg: SFTConfig, method: str) -> BaseModelSource:
     return source
 
 
-def build_trainer(cfg: SFTConfig, method: str, source: BaseModelSource, dist: DistInfo,
-                  resume: Optional[str] = None) -> Trainer:
-    """Inputs checked, run directory created, model built: the engine ready to `fit`."""
+def check_inputs(cfg: SFTConfig, method: str, source: BaseModelSource, dist: DistInfo) -> tuple[Path, str]:
+    """What every stage that starts from a base model checks first (also `align.stage`):
+    parallelism fits the method, the tokenizer has the chat template and is the base's.
+    Returns the tokenizer directory and its hash."""
     if method != "full" and dist.is_distributed and cfg.training.parallelism == "fsdp":
         raise UserError("training.parallelism=fsdp is not supported with LoRA/QLoRA: the frozen base is not "
                         "sharded and the adapters are small; use ddp")
@@ -142,6 +143,13 @@ def build_trainer(cfg: SFTConfig, method: str, source: BaseModelSource, dist: Di
     tok_hash = required_tokenizer_hash(tokenizer_dir)
     check_chat_template(tokenizer_dir)
     check_base_tokenizer(source, tok_hash)
+    return tokenizer_dir, tok_hash
+
+
+def build_trainer(cfg: SFTConfig, method: str, source: BaseModelSource, dist: DistInfo,
+                  resume: Optional[str] = None) -> Trainer:
+    """Inputs checked, run directory created, model built: the engine ready to `fit`."""
+    tokenizer_dir, tok_hash = check_inputs(cfg, method, source, dist)
     train_data, val_data, seq_len = build_sft_loaders(cfg, dist.rank, dist.world_size, tok_hash)
     run = start_run(cfg, STAGE, dist, resume)
     compute_dtype = pick_dtype(cfg.training.dtype, dist.device)

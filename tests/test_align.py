@@ -128,7 +128,6 @@ def test_references_agree(env: AlignEnv, tmp_path: Path) -> None:
     frozen = build_sft_model(BaseModelSource.open(source.path), cfg, "full", cpu, torch.float32)
     train, _, _ = build_preference_loaders(cfg, 0, 1, None)
     batch = next(train)
-    amp = torch.autocast("cpu", enabled=False).__class__  # any no-op context manager factory
     off = ModelReference(policy, kto=False, amp=lambda: torch.autocast("cpu", enabled=False), adapters_off=True)(batch)
     assert torch.allclose(off, reference_columns(frozen, batch, kto=False), atol=1e-5)
     with torch.no_grad():
@@ -136,7 +135,6 @@ def test_references_agree(env: AlignEnv, tmp_path: Path) -> None:
     assert not torch.allclose(on.chosen, off[:, 0], atol=1e-3)
     with disable_adapters(policy), torch.no_grad():
         assert torch.allclose(pair_logps(policy, batch).chosen, off[:, 0], atol=1e-5)
-    del amp
 
 
 def test_exact_resume_with_precomputed_reference(env: AlignEnv, tmp_path: Path) -> None:
@@ -212,7 +210,7 @@ def test_bad_align_keys(env: AlignEnv, tmp_path: Path, section: dict, contains: 
 
 
 def test_cli_user_errors(env: AlignEnv, tmp_path: Path) -> None:
-    offline, reward = "align/train_offline.py", "align/train_reward_model.py"
+    offline = "align/train_offline.py"
     cfg = write_config(env, tmp_path, align={"method": "dpo"})
     # preference bins missing
     proc = run_script([offline, "--config_path", str(cfg), "--set", f"data.data_dir={tmp_path / 'nodata'}",

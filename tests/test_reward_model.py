@@ -12,25 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conftest import assert_user_error, run_script
-from data_pipeline.builtin.stories import generate_stories
 from data_pipeline.chat import ChatTokenizer
-from data_pipeline.formats import SPECIAL_TOKENS
 from data_pipeline.processing.build_preference_bins import encode_pair
-from data_pipeline.tokenizer.io import write_hf_configs
 from model import build_model, get_preset
 from model.config import ModelConfig
 from model.hf import HFFormatError, load_hf_dir, load_hf_reward_dir, save_hf_dir, save_hf_reward_dir
 from model.reward import RewardModel
+from test_sft import VOCAB, make_tokenizer
 from utils.checkpoint import REWARD_MODEL, load_checkpoint, save_checkpoint
 from utils.errors import UserError
 
 ATOL = 1e-4
 SEQ_LEN = 40  # longer than every preset's sliding window
 PAD = 0  # the pad id of the export tests: real tokens are drawn from 1..vocab-1
-TOK_VOCAB = 1024
+TOK_VOCAB = VOCAB  # the tokenizer of tests/test_sft.py
 
 try:  # the reference (a dev requirement); only the tests that compare with it need it
     import transformers
@@ -170,27 +167,13 @@ def test_policy_and_reward_directories_do_not_pass_as_each_other(tmp_path: Path)
 
 
 # ---------------------------------------------------------------- (d) align/score.py
-def _make_tokenizer(out_dir: Path) -> Path:
-    """Byte-level BPE on built-in stories with the chat special tokens (as tests/test_sft.py)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(generate_stories(200, seed=1), trainers.BpeTrainer(
-        vocab_size=TOK_VOCAB, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(str(out_dir / "tokenizer.json"))
-    write_hf_configs(out_dir)
-    return out_dir
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     """A tokenizer, a reward-model checkpoint, a policy checkpoint and the reward model's HF export."""
     from utils.convert_hf import checkpoint_to_hf
 
     root = tmp_path_factory.mktemp("rm")
-    tok = _make_tokenizer(root / "tokenizer")
+    tok = make_tokenizer(root / "tokenizer")
     cfg = get_preset("tiny-llama3", vocab_size=TOK_VOCAB, init_std=0.1, max_seq_len=64)
     save_checkpoint(root / "rm", _random_reward_model(cfg).state_dict(),
                     {**cfg.model_dump(mode="json"), "task": REWARD_MODEL}, tokenizer_dir=tok)

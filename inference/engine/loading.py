@@ -88,15 +88,18 @@ def _refuse_reward_model(path: Path, raw: dict) -> None:
     raise UserError(f"{path} is a reward model ({what}): it scores text, it does not generate; use align/score.py")
 
 
-def _build(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: Path) -> Transformer:
-    """A `Transformer` whose parameters are the given tensors (CPU, their own dtype)."""
+def build_from_weights(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], path: Path,
+                       cls: type[Transformer] = Transformer) -> Transformer:
+    """A `Transformer` (or subclass, e.g. `model.reward.RewardModel`) whose parameters are the
+    given tensors (CPU, their own dtype); weights that do not fit are a `UserError`."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = cls(cfg)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
-        raise UserError(f"the weights in {path} do not fit its config ({detail})") from None
+        what = "a reward model with its config" if cls is not Transformer else "its config"
+        raise UserError(f"the weights in {path} do not fit {what} ({detail})") from None
     return model
 
 
@@ -110,7 +113,7 @@ def _apply_adapter(model: Transformer, cfg: ModelConfig, adapter: Path) -> Trans
         load_adapter(model, adapter)
     except (FileNotFoundError, ValueError) as e:
         raise UserError(" ".join(str(e).split())) from None
-    return _build(cfg, merged_state_dict(model), adapter)
+    return build_from_weights(cfg, merged_state_dict(model), adapter)
 
 
 def _tokenizer(path: Path, raw_config: dict) -> tuple[Optional[Tokenizer], Optional[Path], Optional[int]]:
@@ -137,7 +140,7 @@ def load_model(
     """Load a checkpoint or Hugging Face directory (+ optional LoRA adapter) for inference."""
     path = Path(checkpoint)
     cfg, state_dict, raw = _load_weights(path)
-    model = _build(cfg, state_dict, path)
+    model = build_from_weights(cfg, state_dict, path)
     if adapter is not None:
         model = _apply_adapter(model, cfg, Path(adapter))
     model = keep_fp32_modules(model.to(device=device, dtype=dtype)).eval()
