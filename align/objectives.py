@@ -102,7 +102,9 @@ class PreferenceObjective:
                 out, log_odds = orpo_odds_ratio(avg_c, avg_r, s.beta)
                 nll = _chosen_nll_times_pairs(pol)
                 loss_sum = nll + out.losses.sum()
-                extra = {"nll_loss": nll.detach(), "log_odds_ratio": log_odds.sum()}
+                # TRL's names: log_odds_chosen = mean log odds ratio, log_odds_ratio = mean log σ(it)
+                extra = {"nll_loss": nll.detach(), "log_odds_chosen": log_odds.sum(),
+                         "log_odds_ratio": torch.nn.functional.logsigmoid(log_odds).sum()}
             else:
                 out = simpo_loss(avg_c, avg_r, s.beta, s.gamma, s.label_smoothing)
                 loss_sum = out.losses.sum()
