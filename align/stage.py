@@ -116,8 +116,8 @@ def build_trainer(cfg: AlignConfig, method: str, source: BaseModelSource, dist: 
     if reward:
         objective: Any = RewardObjective(cfg.reward)
     else:
-        reference = build_reference(cfg, method, source, model, train_data, val_loader, run.root, dist, amp,
-                                    compute_dtype, kto)
+        reference = (build_reference(cfg, method, source, model, train_data, val_loader, run.root, dist, amp,
+                                     compute_dtype, kto) if cfg.align.uses_reference else None)  # orpo, simpo: none
         if isinstance(reference, PrecomputedReference):
             val_data = reference.val_batches(val_data)
         if kto:

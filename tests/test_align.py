@@ -99,6 +99,8 @@ def test_every_method_trains(env: AlignEnv, tmp_path: Path, section: dict) -> No
     assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
     assert all(k in records[0] for k in TRL_METRICS)
     assert "val_rewards/accuracies" in val_records(run_dir(tmp_path, "m"))[-1]
+    uses_reference = section["method"] in ("dpo", "kto") and section.get("reference") != "frozen"
+    assert (run_dir(tmp_path, "m") / TABLE_FILE).is_file() == uses_reference  # orpo / simpo need no reference
     saved = (run_dir(tmp_path, "m") / "config.yaml").read_text()
     assert f"method: {section['method']}" in saved and "beta:" in saved  # defaults filled in
 
