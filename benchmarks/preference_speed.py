@@ -31,7 +31,9 @@ clip, AdamW, zero grad.
 Each variant runs in its own worker process, so peaks do not mix: peak memory is that
 process's peak resident set (``VmHWM``; ``ru_maxrss`` is reported beside it), whole and above
 the process's resident set right after its imports (the imports differ: TRL loads
-transformers, datasets, accelerate, peft).
+transformers, datasets, accelerate, peft). By default glibc keeps freed tensor memory mapped,
+so the peak includes its cache; ``--malloc_mmap_threshold 131072`` makes freed tensors leave
+the resident set, so the peak follows the live tensors (slower steps: a memory-only run).
 Workers are set up one at a time (setup and the reference precompute are reported separately,
 never in steps/s), then take turns: warm-up steps, then rounds in which each worker runs one
 step (``--rounds`` fewer: several) while the others wait, the order rotating each round, so
@@ -44,7 +46,7 @@ compared between the sides: they agree to ~1e-5, so both train the same thing.
 
     python benchmarks/preference_speed.py [--config A|B|A,B] [--quick] [--steps N] [--warmup N]
         [--batch_size 4] [--pairs 32] [--variants frozen,precompute,lora] [--sides ours,trl]
-        [--threads 2] [--out FILE.json]
+        [--threads 2] [--malloc_mmap_threshold BYTES] [--out FILE.json]
 
 Prints one JSON object on stdout and a short table on stderr.
 """
@@ -343,11 +345,14 @@ def log(msg: str) -> None:
 
 
 class Worker:
-    def __init__(self, variant: str, spec_path: Path, log_path: Path, threads: int) -> None:
+    def __init__(self, variant: str, spec_path: Path, log_path: Path, threads: int,
+                 mmap_threshold: Optional[int] = None) -> None:
         self.variant, self.log_path = variant, log_path
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        if mmap_threshold:  # glibc: blocks above it are mmapped, so freed tensors leave the resident set
+            env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path),
                                       variant], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -557,7 +562,7 @@ def bench_config(name: str, tmp: Path, args, variants: list[str]) -> dict:
     try:
         for v in variants:  # set up one at a time: setup and precompute times never overlap
             log(f"[config {name}] setting up {v} ...")
-            workers[v] = Worker(v, spec_path, tmp / name / f"{v}.log", args.threads)
+            workers[v] = Worker(v, spec_path, tmp / name / f"{v}.log", args.threads, args.malloc_mmap_threshold)
             workers[v].wait_ready()
         log(f"[config {name}] warm-up: {args.warmup} step(s) each; then {args.rounds} round(s) of {chunk} step(s)")
         for w in workers.values():
@@ -582,11 +587,12 @@ def bench_config(name: str, tmp: Path, args, variants: list[str]) -> dict:
             comps[kind] = compare(workers[f"ours_{kind}"], workers[f"trl_{kind}"], same_init=kind != "lora")
     res = result["variants"]
     for side in ("ours", "trl"):
-        if f"{side}_frozen" in res and f"{side}_precompute" in res:
-            f, p = res[f"{side}_frozen"], res[f"{side}_precompute"]
-            comps[f"{side}_peak_rss_precompute_over_frozen"] = round(p["peak_rss_mb"] / f["peak_rss_mb"], 3)
-            comps[f"{side}_peak_rss_above_imports_precompute_over_frozen"] = round(
-                p["peak_rss_above_imports_mb"] / f["peak_rss_above_imports_mb"], 3)
+        for kind in ("precompute", "lora"):
+            if f"{side}_frozen" in res and f"{side}_{kind}" in res:
+                f, p = res[f"{side}_frozen"], res[f"{side}_{kind}"]
+                comps[f"{side}_peak_rss_{kind}_over_frozen"] = round(p["peak_rss_mb"] / f["peak_rss_mb"], 3)
+                comps[f"{side}_peak_rss_above_imports_{kind}_over_frozen"] = round(
+                    p["peak_rss_above_imports_mb"] / f["peak_rss_above_imports_mb"], 3)
     result["comparisons"] = comps
     goals = {}
     if "ours_peak_rss_precompute_over_frozen" in comps:
@@ -636,6 +642,10 @@ def main() -> None:
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2, help="torch threads of every worker")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc_mmap_threshold", type=int, default=None, metavar="BYTES",
+                   help="set glibc's MALLOC_MMAP_THRESHOLD_ in the workers (e.g. 131072): freed tensors then leave "
+                        "the resident set, so peak RSS follows the live tensors instead of the allocator's cache "
+                        "(steps get slower: use it for memory figures, not speed)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--_worker", nargs=2, metavar=("SPEC", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -672,6 +682,7 @@ def main() -> None:
         "rounds": args.rounds, "lr": args.lr, "beta": args.beta, "loss_type": "sigmoid",
         "adamw": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}, "grad_clip": 1.0,
         "lora": {"r": LORA["r"], "alpha": LORA["alpha"], "targets": LORA["targets"]},
+        "malloc_mmap_threshold": args.malloc_mmap_threshold,
         "command": " ".join([Path(sys.executable).name, *sys.argv]), "configs": {},
     }
     t0 = time.perf_counter()
