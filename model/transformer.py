@@ -162,9 +162,18 @@ class Transformer(nn.Module):
         positions: Optional[torch.Tensor] = None,
         cache: Optional[KVCache] = None,
         doc_ids: Optional[torch.Tensor] = None,
+        keep: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V). See `forward_hidden` for the arguments."""
-        return self.head(self.norm(self.forward_hidden(tokens, positions, cache, doc_ids)))
+        """tokens (B, T) -> logits (B, T, V). See `forward_hidden` for the arguments.
+
+        ``keep`` (B, T) bool: logits only where it is True, flattened in row-major order (N, V).
+        Objectives that score a few positions (the responses of RL and preference training)
+        skip the (T, V) head and its softmax everywhere else.
+        """
+        h = self.forward_hidden(tokens, positions, cache, doc_ids)  # (B, T, D)
+        if keep is not None:
+            h = h[keep]  # (N, D)
+        return self.head(self.norm(h))
 
     def mtp_logits(
         self,

@@ -202,6 +202,7 @@ def save_training_checkpoint(trainer: Any, final: bool = False) -> Optional[Path
     model_state = full_state_dict(trainer.model)
     model_config = {**trainer.cfg.model.model_dump(mode="json"), **getattr(trainer, "checkpoint_config", {})}
     if final:
+        model_state = trainer.final_weights(model_state) if hasattr(trainer, "final_weights") else model_state
         path = trainer.ckpt.save_final(model_state, model_config, _meta(trainer), trainer.tokenizer_dir)
         barrier()
         return path

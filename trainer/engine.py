@@ -72,6 +72,8 @@ class Trainer:
         flops_per_token: training FLOPs per token, for MFU (None → no MFU).
         checkpoint_config: extra config.json fields of every checkpoint (a reward model's
             ``{"task": "reward_model"}``, `utils.checkpoint.TASK_KEY`).
+        validate_first: a fresh run validates once before the first update (step 0 in the
+            metrics: the starting model's figures, e.g. online RL's held-out reward).
     """
 
     def __init__(self, cfg: ExperimentConfig, model: nn.Module, loss_fn: LossFn, train_data: Iterator[Batch],
@@ -81,7 +83,8 @@ class Trainer:
                  trainable: Optional[ParamFilter] = None,
                  optimizer_factory: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
                  tokenizer_dir: Optional[Path] = None, sampler: Optional[TextSampler] = None,
-                 flops_per_token: Optional[float] = None, checkpoint_config: Optional[dict] = None) -> None:
+                 flops_per_token: Optional[float] = None, checkpoint_config: Optional[dict] = None,
+                 validate_first: bool = False) -> None:
         self.cfg, self.tcfg = cfg, cfg.training
         self.loss_fn, self.count_fn = loss_fn, count_fn
         self.train_data, self.val_data = train_data, val_data
@@ -115,6 +118,7 @@ class Trainer:
         self._saved_step: Optional[int] = None
         self.throughput = Throughput(self.device)
         self.metrics: Optional[MetricsLogger] = None  # created by `fit`
+        self.validate_first = validate_first
 
     # ------------------------------------------------------------------ setup helpers
     def amp(self):
@@ -170,6 +174,8 @@ class Trainer:
                                      config=self.cfg.model_dump(mode="json"))
         self.throughput = Throughput(self.device)
         window: list[dict[str, float]] = []  # per-step scalars since the last log line
+        if self.validate_first and self.step == 0 and self.val_data is not None:
+            self.validate()  # the starting model's figures: the baseline of every validation curve
         self.model.train()
         try:
             end = tcfg.max_steps if stop_at is None else min(stop_at, tcfg.max_steps)
@@ -314,10 +320,19 @@ class Trainer:
             record["mfu"] = mfu(self.flops_per_token, tps, peak, self.dist.world_size)
             record["peak_flops_source"] = source
         record.update({k: v for k, v in moe_load_stats(self.base).items() if k in ("moe/max_min_ratio", "moe/cv")})
+        record.update(self.extra_metrics())
         self._record(record)
         logger.info("step %d/%d | loss %.4f | lr %.3g | grad %.3g | %.0f tok/s%s", self.step, self.tcfg.max_steps,
                     record["loss"], record["lr"], record["grad_norm"], tps,
                     f" | mfu {100 * record['mfu']:.1f}%" if "mfu" in record else "")
+
+    def extra_metrics(self) -> dict[str, Any]:
+        """Stage-specific scalars for the next metrics record (online RL: its rollout statistics)."""
+        return {}
+
+    def final_weights(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What ``checkpoints/final`` holds of the full model state (PPO: the policy, not its critic)."""
+        return state
 
     def _record(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:

@@ -88,6 +88,17 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached block's content (all blocks must be unused): the next sequences
+        compute their prefixes afresh, e.g. after the model's weights changed."""
+        if self.num_used_blocks:
+            raise RuntimeError(f"reset_prefix_cache() with {self.num_used_blocks} blocks in use")
+        for block_id in list(self._evictable):
+            self._uncache(block_id)
+            self._free.append(block_id)
+        self._evictable.clear()
+        self._cached.clear()
+
     # ---- block-level helpers ----------------------------------------------------------
     def _new_block(self) -> int:
         """A block with reference count 1 and no content: a plain free one, else evict the LRU cached one."""

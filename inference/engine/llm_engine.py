@@ -23,7 +23,7 @@ from typing import Optional, Union
 import torch
 from tokenizers import Tokenizer
 
-from inference.engine.loading import load_model
+from inference.engine.loading import LoadedModel, load_model
 from inference.engine.model_runner import ModelRunner, Row
 from inference.engine.paged_cache import (
     PagedKVCache,
@@ -116,8 +116,10 @@ class _Request:
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache (see the module docstring).
 
-    ``checkpoint``: one of our checkpoint directories or a Hugging Face one; ``adapter``: a LoRA
-    adapter directory merged into the weights. ``kv_cache_memory_mb``: the KV pool's budget in
+    ``checkpoint``: one of our checkpoint directories or a Hugging Face one, or a `LoadedModel`
+    already in memory (RL rollouts pass the live policy: the engine shares its weights, so an
+    optimizer step is seen by the next generation; call `reset_prefix_cache` after one);
+    ``adapter``: a LoRA adapter directory merged into the weights. ``kv_cache_memory_mb``: the KV pool's budget in
     MiB (target and draft together); by default half the free GPU memory on CUDA and 256 MiB on
     CPU / MPS, never more than ``max_num_seqs`` sequences of ``max_model_len`` tokens can use
     (linear attention has no KV pool). ``draft_checkpoint``: a smaller model with the same
@@ -126,7 +128,7 @@ class LLMEngine:
 
     def __init__(
         self,
-        checkpoint: Union[str, Path],
+        checkpoint: Union[str, Path, LoadedModel],
         adapter: Optional[Union[str, Path]] = None,
         device: Union[str, torch.device] = "auto",
         dtype: Union[str, torch.dtype] = "auto",
@@ -138,9 +140,16 @@ class LLMEngine:
         draft_checkpoint: Optional[Union[str, Path]] = None,
         num_speculative_tokens: int = 4,
     ) -> None:
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
-        loaded = load_model(checkpoint, self.device, self.dtype, adapter)
+        if isinstance(checkpoint, LoadedModel):
+            if adapter is not None:
+                raise ValueError("an in-memory model takes no adapter directory: its adapters are already applied")
+            loaded = checkpoint
+            param = next(loaded.model.parameters())
+            self.device, self.dtype = param.device, param.dtype
+        else:
+            self.device = pick_device(device)
+            self.dtype = pick_dtype(dtype, self.device)
+            loaded = load_model(checkpoint, self.device, self.dtype, adapter)
         self.model, self.config = loaded.model, loaded.config
         self.tokenizer: Optional[Tokenizer] = loaded.tokenizer
         self._tokenizer_file = loaded.tokenizer_file
@@ -213,6 +222,13 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix block (vLLM's name): needed after the weights changed, as
+        their K/V were computed by the old weights. Only between requests (none running)."""
+        if self.scheduler.has_unfinished():
+            raise RuntimeError("reset_prefix_cache() with requests still running")
+        self.scheduler.block_manager.reset_prefix_cache()
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids of a conversation in the one chat template, ending with the assistant header."""

@@ -196,7 +196,9 @@ def sample(
             )
             logits = logits.masked_fill(removed, float("-inf"))
         probs = logits.softmax(dim=-1)  # (B, V)
-        race = torch.empty_like(probs).exponential_()  # (B, V) global RNG for unseeded rows
+        race = torch.empty_like(probs)  # (B, V)
+        if any(g is None for g in generators):
+            race.exponential_()  # the global RNG for unseeded rows
         for i, generator in enumerate(generators):
             if generator is not None and not params[i].greedy:
                 race[i].exponential_(generator=generator)

@@ -1,0 +1,306 @@
+"""Online RL end to end on tiny models: rollouts through the paged engine (log-probs equal the
+training forward's, a group shares its prompt's prefill), every algorithm trains and logs its
+metrics, runs resume exactly mid-rollout, 2-process DDP equals 1 process, GSM8K runs end to end,
+and user mistakes exit 2 with one line.
+
+The pure losses are checked by hand in test_rl_losses.py and against TRL in
+test_rl_trl_parity.py; the rewards in test_rl_rewards.py.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tokenizers import Tokenizer
+
+from align import rl_stage
+from align.rl_config import RLConfig
+from align.rl_data import encode_prompts, read_prompts
+from align.rollout import Generator, token_logps
+from conftest import REPO_ROOT, assert_user_error, run_script
+from data_pipeline.chat import ChatTokenizer
+from finetune.base_model import build_sft_model
+from inference.engine.llm_engine import LLMEngine
+from inference.engine.loading import LoadedModel
+from inference.engine.sampling import SamplingParams
+from rl_fixtures import RLEnv, make_rl_env, rl_config, rl_dict
+from test_distributed import torchrun
+from test_sft import make_base, one_thread  # noqa: F401 (autouse fixture)
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> RLEnv:
+    return make_rl_env(tmp_path_factory.mktemp("rl"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_records(run: Path) -> list[dict]:
+    return [r for r in metrics(run) if "loss" in r]
+
+
+def run_dir(runs: Path, name: str) -> Path:
+    return runs / "rl" / name
+
+
+def _policy_and_tokenizer(env: RLEnv, cfg: RLConfig):
+    source, method = rl_stage.prepare(cfg)
+    policy = build_sft_model(source, cfg, method, torch.device("cpu"), torch.float32)
+    file = env.data_dir / "tokenizer" / "tokenizer.json"
+    ct = ChatTokenizer.wrap(Tokenizer.from_file(str(file)))
+    path = env.data_dir / "prompts" / "rl_prompts.jsonl"
+    prompts = encode_prompts(read_prompts(path), ct, 100, path)
+    return policy, Tokenizer.from_file(str(file)), file, ct, prompts
+
+
+# ---------------------------------------------------------------------------- rollouts
+def test_engine_sampling_logprobs_equal_the_training_forward(env: RLEnv, tmp_path: Path) -> None:
+    cfg = rl_config(env, tmp_path, "lp")
+    policy, tok, file, ct, prompts = _policy_and_tokenizer(env, cfg)
+    engine = LLMEngine(LoadedModel(policy, cfg.model, tok, file, ct.im_end_id), max_num_seqs=8)
+    temperature = 0.7
+    rows = []
+    for i, p in enumerate(prompts[:4]):
+        rid = engine.add_request(p.ids, SamplingParams(temperature=temperature, seed=i, max_tokens=10, logprobs=0,
+                                                       ignore_eos=True))
+        rows.append((rid, p.ids))
+    got: dict[str, tuple[list[int], list[float]]] = {rid: ([], []) for rid, _ in rows}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id][0].extend(out.new_token_ids)
+            got[out.request_id][1].extend(lp for _, lp, _ in out.logprobs)
+    with torch.no_grad():
+        for rid, prompt_ids in rows:
+            tokens, engine_lps = got[rid]
+            ids = torch.tensor([prompt_ids + tokens])
+            train_lps = token_logps(policy(ids), ids, temperature)[0, len(prompt_ids) - 1:]  # (completion,)
+            assert len(tokens) == 10
+            assert torch.allclose(train_lps, torch.tensor(engine_lps), atol=1e-4), (train_lps, engine_lps)
+
+
+def test_a_group_shares_its_prompt_prefill(env: RLEnv, tmp_path: Path) -> None:
+    cfg = rl_config(env, tmp_path, "prefix")
+    policy, tok, file, ct, prompts = _policy_and_tokenizer(env, cfg)
+    gen = Generator(policy, cfg.model, tok, file, ct, cfg.rl, max_num_seqs=32)
+    computed = []
+    forward = gen.engine.runner.forward
+
+    def counting(rows, logits="last"):
+        if any(len(r.token_ids) > 1 for r in rows):  # a prefill step
+            computed.append(sum(len(r.token_ids) for r in rows))
+        return forward(rows, logits)
+
+    gen.engine.runner.forward = counting
+    chosen = prompts[:3]
+    groups = gen.generate(chosen, 4, [[10 * i + j for j in range(4)] for i in range(3)])
+    assert [len(g) for g in groups] == [4, 4, 4] and all(s.completion_ids for g in groups for s in g)
+    full = 4 * sum(len(p.ids) for p in chosen)
+    block = gen.engine.scheduler.block_manager.block_size
+    shared = sum(len(p.ids) // block * block for p in chosen)  # full blocks of each prompt
+    assert sum(computed) == full - 3 * shared  # samples 2..G computed only past the cached blocks
+    # distinct seeds → distinct samples; the same seeds → the same samples (after a cache reset)
+    again = gen.generate(chosen, 4, [[10 * i + j for j in range(4)] for i in range(3)])
+    assert [[s.completion_ids for s in g] for g in again] == [[s.completion_ids for s in g] for g in groups]
+    assert len({tuple(s.completion_ids) for s in groups[0]}) > 1
+
+
+# ---------------------------------------------------------------------------- training runs
+def test_grpo_trains_logs_and_plots(env: RLEnv, tmp_path: Path) -> None:
+    cfg = rl_config(env, tmp_path, "grpo", rl={"beta": 0.05, "epsilon_high": 0.28},
+                    training={"max_steps": 4, "eval_interval": 2})
+    summary = rl_stage.train(cfg)
+    run = run_dir(tmp_path, "grpo")
+    records = train_records(run)
+    assert len(records) == 4
+    for key in ("reward", "reward_std", "rewards/letter_reward", "kl", "clip_ratio/region", "entropy",
+                "completion_length", "time/rollout_s"):
+        assert key in records[-1], key
+    assert records[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first update starts at the reference
+    assert records[-1]["kl"] > 0
+    vals = [r for r in metrics(run) if "val_reward" in r]
+    assert [r["step"] for r in vals] == [0, 2, 4]  # the baseline, then every eval_interval
+    assert (run / "reward.png").is_file() and (run / "loss.png").is_file()
+    assert cfg.rl.reference == "frozen"
+    final = load_checkpoint(summary["final_checkpoint"])
+    assert "lm_head.weight" in final.state_dict or "embed.weight" in final.state_dict
+
+
+@pytest.mark.parametrize("rl", [
+    {"algorithm": "gspo"},
+    {"algorithm": "grpo", "scale_rewards": "batch", "loss_aggregation": "sequence_mean", "num_iterations": 2},
+    {"algorithm": "grpo", "scale_rewards": "none", "loss_aggregation": "dr_grpo", "dynamic_sampling": True},
+    {"algorithm": "ppo", "kl_coef": 0.05, "ppo_epochs": 2, "num_minibatches": 2},
+    {"algorithm": "ppo", "kl_coef": 0.05, "kl_penalty": "loss"},
+    {"algorithm": "rft", "min_reward": 0.1, "steps_per_round": 2},
+], ids=lambda s: "-".join(str(v) for v in s.values()))
+def test_every_algorithm_trains(env: RLEnv, tmp_path: Path, rl: dict) -> None:
+    cfg = rl_config(env, tmp_path, "algo", rl=rl, training={"max_steps": 4})
+    summary = rl_stage.train(cfg)
+    records = train_records(run_dir(tmp_path, "algo"))
+    assert len(records) == 4 and all(torch.isfinite(torch.tensor([r["loss"] for r in records])))
+    assert all("reward" in r for r in records[:: cfg.rl.updates_per_rollout])
+    final = load_checkpoint(summary["final_checkpoint"])
+    assert not any(k.startswith(("policy.", "value.")) for k in final.state_dict)  # PPO: the policy alone
+    if rl["algorithm"] == "ppo":
+        assert "vf_loss" in records[-1]
+    if rl["algorithm"] == "rft":
+        assert "rft/kept_frac" in records[0]
+    if rl.get("dynamic_sampling"):
+        assert "dynamic/dropped_groups_frac" in records[0]
+
+
+def test_lora_grpo_with_the_adapters_off_reference(env: RLEnv, tmp_path: Path) -> None:
+    cfg = rl_config(env, tmp_path, "lora", rl={"beta": 0.1}, lora={"r": 4, "alpha": 8.0},
+                    training={"max_steps": 2, "eval_interval": 2})
+    summary = rl_stage.train(cfg)
+    assert cfg.rl.reference == "adapters_off"
+    assert (summary["final_checkpoint"] / "adapter_model.safetensors").is_file()
+    assert "kl" in train_records(run_dir(tmp_path, "lora"))[-1]
+
+
+def _trace(run: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r.get("reward"), r["grad_norm"]) for r in train_records(run)]
+
+
+def test_resume_mid_rollout_is_exact(env: RLEnv, tmp_path: Path) -> None:
+    rl = {"num_iterations": 2, "beta": 0.05}
+    training = {"max_steps": 5, "eval_interval": 5}
+    straight = rl_config(env, tmp_path / "a", "r", rl=rl, training=training)
+    rl_stage.train(straight)
+    pieces = rl_config(env, tmp_path / "b", "r", rl=rl, training=training)
+    rl_stage.train(pieces, stop_at=3)  # step 3 is the first of rollout 2's two updates
+    resumed = rl_config(env, tmp_path / "b", "r", rl=rl, training=training)
+    rl_stage.train(resumed, resume="auto")
+    a, b = run_dir(tmp_path / "a", "r"), run_dir(tmp_path / "b", "r")
+    assert _trace(a) == _trace(b)
+    wa = load_checkpoint(a / "checkpoints" / "final").state_dict
+    wb = load_checkpoint(b / "checkpoints" / "final").state_dict
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one(env: RLEnv, tmp_path: Path) -> None:
+    rl = {"beta": 0.05, "scale_rewards": "batch", "prompts_per_step": 4}
+    training = {"max_steps": 3, "eval_interval": 3, "batch_size": 4}
+    one = rl_config(env, tmp_path / "one", "d", rl=rl, training=training)
+    rl_stage.train(one)
+    cfg = rl_dict(env, tmp_path / "two", "d", rl=rl, training=training)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    torchrun(REPO_ROOT / "align" / "train_online.py", ["--config_path", str(path)], timeout=400)
+    a, b = train_records(run_dir(tmp_path / "one", "d")), train_records(run_dir(tmp_path / "two", "d"))
+    for x, y in zip(a, b, strict=True):
+        assert x["reward"] == pytest.approx(y["reward"], abs=1e-6)  # the same samples on 1 and 2 ranks
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-6)
+        assert x["kl"] == pytest.approx(y["kl"], rel=1e-3, abs=1e-7)
+    va = [r["val_reward"] for r in metrics(run_dir(tmp_path / "one", "d")) if "val_reward" in r]
+    vb = [r["val_reward"] for r in metrics(run_dir(tmp_path / "two", "d")) if "val_reward" in r]
+    assert va == pytest.approx(vb, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_gsm8k_end_to_end(env: RLEnv, tmp_path: Path) -> None:
+    """GSM8K prompts from ../shared/data through download_prompts.py, then GRPO with the verifiable
+    reward: rewards computed (a tiny model scores ~0), no crash."""
+    gsm8k = REPO_ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not gsm8k.is_file():
+        pytest.skip("../shared/data/gsm8k is not here")
+    data = tmp_path / "data"
+    (data / "tokenizer").symlink_to(env.data_dir / "tokenizer")
+    proc = run_script(["data_pipeline/download/download_prompts.py", "--source", "local", "--input", str(gsm8k),
+                       "--max_prompts", "40", "--builtin_prompts", "0", "--data_dir", str(data)])
+    assert proc.returncode == 0, proc.stderr
+    base = make_base(tmp_path / "base", env.data_dir / "tokenizer", max_seq_len=384)
+    cfg = rl_config(env, tmp_path, "gsm8k", rl={"rewards": [{"type": "verifiable"}, {"type": "format", "weight": 0.1}],
+                                                  "sampling": {"max_new_tokens": 24}},
+                    data={"data_dir": str(data)}, checkpointing={"init_from": str(base)},
+                    training={"max_steps": 2, "eval_interval": 2})
+    rl_stage.train(cfg)
+    records = train_records(run_dir(tmp_path, "gsm8k"))
+    assert len(records) == 2 and "rewards/verifiable" in records[0] and "rewards/format" in records[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "gspo", "ppo", "rft"])
+def test_online_rl_raises_the_held_out_reward(env: RLEnv, tmp_path: Path, algorithm: str) -> None:
+    """Each algorithm raises the held-out reward (the letter reward: a random tiny policy spreads
+    it, so the signal is there from step one)."""
+    rl = {"algorithm": algorithm, "val_prompts": 16, "prompts_per_step": 4, "group_size": 8}
+    rl.update({"ppo": {"kl_coef": 0.0, "ppo_epochs": 2}, "rft": {"min_reward": 0.15, "steps_per_round": 2},
+               "gspo": {"epsilon": 0.02, "epsilon_high": 0.03}}.get(algorithm, {}))
+    cfg = rl_config(env, tmp_path, algorithm, rl=rl,
+                    training={"max_steps": 24, "eval_interval": 24, "learning_rate": 3e-3, "batch_size": 16})
+    rl_stage.train(cfg)
+    vals = [r["val_reward"] for r in metrics(run_dir(tmp_path, algorithm)) if "val_reward" in r]
+    assert vals[-1] > vals[0] + 0.05, vals
+
+
+# ---------------------------------------------------------------------------- user mistakes
+def _cli(tmp_path: Path, cfg: dict):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run_script(["align/train_online.py", "--config_path", str(path)])
+
+
+def test_bad_prompts_file_exits_2(env: RLEnv, tmp_path: Path) -> None:
+    cfg = rl_dict(env, tmp_path, "bad", rl={"prompts": str(tmp_path / "missing.jsonl")})
+    assert_user_error(_cli(tmp_path, cfg), "RL prompts file not found")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "1"}\n{"prompt": 3}\n')
+    cfg = rl_dict(env, tmp_path, "bad", rl={"prompts": str(bad)})
+    assert_user_error(_cli(tmp_path, cfg), f"{bad}:2")
+    bad.write_text('{"prompt": "a", "answer": "1"}\nnot json\n')
+    assert_user_error(_cli(tmp_path, cfg), f"{bad}:2: not valid JSON")
+
+
+@pytest.mark.parametrize("rl, message", [
+    ({"group_size": 1}, "G >= 2"),
+    ({"rewards": [{"type": "magic"}]}, "rl.rewards.0.type"),
+    ({"epsilon": 0.2, "epsilon_high": 0.1}, "epsilon_high"),
+    ({"gamma": 0.9}, "rl.gamma belongs to ppo"),
+], ids=["G<2", "unknown-reward", "epsilon_high<epsilon", "other-algorithm-key"])
+def test_bad_config_exits_2(env: RLEnv, tmp_path: Path, rl: dict, message: str) -> None:
+    assert_user_error(_cli(tmp_path, rl_dict(env, tmp_path, "bad", rl=rl)), message)
+
+
+def test_reward_model_with_another_tokenizer_exits_2(env: RLEnv, tmp_path: Path) -> None:
+    from model import get_preset
+    from test_reward_model import _random_reward_model
+    from utils.checkpoint import REWARD_MODEL, save_checkpoint
+
+    doc = json.loads((env.data_dir / "tokenizer" / "tokenizer.json").read_text())
+    vocab = dict(doc["model"]["vocab"])
+    a, b = sorted(t for t in vocab if t.isalpha() and len(t) > 3)[:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two ids swapped: another tokenizer
+    cfg = get_preset("tiny-llama3", vocab_size=1024, max_seq_len=128)
+    rm = tmp_path / "rm"
+    save_checkpoint(rm, _random_reward_model(cfg).state_dict(), {**cfg.model_dump(mode="json"), "task": REWARD_MODEL},
+                    tokenizer_dir=env.data_dir / "tokenizer")
+    (rm / "tokenizer.json").write_text(json.dumps({**doc, "model": {**doc["model"], "vocab": vocab}}))
+    cfg_ = rl_dict(env, tmp_path, "bad", rl={"rewards": [{"type": "reward_model", "checkpoint": str(rm)}]})
+    assert_user_error(_cli(tmp_path, cfg_), "tokenizer")
+
+
+def test_fsdp_is_refused(env: RLEnv, tmp_path: Path) -> None:
+    cfg = rl_config(env, tmp_path, "fsdp", training={"parallelism": "fsdp"})
+    source, method = rl_stage.prepare(cfg)
+    from trainer.distributed import DistInfo
+
+    dist = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_distributed=True)
+    with pytest.raises(UserError, match="ddp"):
+        rl_stage.build_trainer(cfg, method, source, dist)
+
+
+def test_shipped_configs_validate() -> None:
+    from utils.config import load_config
+
+    for name in ("grpo", "gspo", "ppo", "rft"):
+        cfg = load_config(REPO_ROOT / "configs" / "align" / f"{name}.yaml", RLConfig, [])
+        assert cfg.rl.algorithm == name
