@@ -227,12 +227,12 @@ class RolloutSource:
             samples, rewards, parts, stats = self._grouped_samples(n_global)
             batch = collate(samples, self.pad_id)
             t_gen = time.perf_counter()
-            stats.update(self._reward_stats(rewards, parts, batch))
+            stats["time/generate_s"] = t_gen - t0  # sampling and scoring
             if rl.algorithm == "ppo":
                 self._ppo_fields(batch, rewards)
             else:
                 self._grpo_fields(batch, rewards)
-            stats["time/logps_s"] = time.perf_counter() - t_gen
+            stats["time/logps_s"] = time.perf_counter() - t_gen  # old-policy / reference log-probs, values
             batches = self._schedule(batch)
         stats["time/rollout_s"] = time.perf_counter() - t0
         self.rollouts += 1
@@ -245,9 +245,8 @@ class RolloutSource:
         short, zero-variance groups fill the batch so every rank keeps its size)."""
         rl, G = self.rl, self.rl.group_size
         samples, rewards, parts = self._sample(n_global, G, "train")
-        stats: dict[str, float] = {}
         if not rl.dynamic_sampling:
-            return samples, rewards, parts, stats
+            return samples, rewards, parts, self._reward_stats(rewards, parts, samples)
         want = len(samples) // G
         keep = ~zero_variance_groups(rewards, G)  # (groups,)
         pool = [(samples, rewards, parts, keep)]
@@ -267,6 +266,9 @@ class RolloutSource:
         out_s = [s for a, g in chosen for s in pool[a][0][g * G:(g + 1) * G]]
         out_r = torch.cat([pool[a][1][g * G:(g + 1) * G] for a, g in chosen])
         out_p = {name: torch.cat([pool[a][2][name][g * G:(g + 1) * G] for a, g in chosen]) for name in parts}
+        stats = self._reward_stats(torch.cat([p[1] for p in pool]),
+                                   {name: torch.cat([p[2][name] for p in pool]) for name in parts},
+                                   [x for p in pool for x in p[0]])
         counts = all_reduce_sum(torch.tensor([dropped, total_groups, refills], dtype=torch.float64))
         stats.update({"dynamic/dropped_groups_frac": float(counts[0] / counts[1]),
                       "dynamic/refills": float(counts[2] / self.dist.world_size)})
@@ -280,10 +282,11 @@ class RolloutSource:
             tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return int(-t.item())
 
-    def _reward_stats(self, rewards: Tensor, parts: dict[str, Tensor], batch: Batch) -> dict[str, float]:
-        """Global mean / std of the rewards, each function's mean, completion lengths."""
-        lengths = batch["completion_len"].double()
-        truncated = batch["truncated"].double()
+    def _reward_stats(self, rewards: Tensor, parts: dict[str, Tensor], samples: list[Sample]) -> dict[str, float]:
+        """Global mean / std of the rewards of every sample generated (dropped groups included),
+        each function's mean, completion lengths and the share cut off at max_new_tokens."""
+        lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.float64)
+        truncated = torch.tensor([s.finish_reason == "length" for s in samples], dtype=torch.float64)
         r = rewards.double()
         sums = torch.stack([torch.tensor(float(r.numel()), dtype=torch.float64), r.sum(), (r * r).sum(),
                             lengths.sum(), truncated.sum(), *[p.double().sum() for p in parts.values()]])
@@ -380,7 +383,7 @@ class RolloutSource:
         distinct completion of a prompt), then ``steps_per_round`` SFT steps over them."""
         rl = self.rl
         samples, rewards, parts = self._sample(n_global, rl.group_size, "train")
-        stats = self._reward_stats(rewards, parts, collate(samples, self.pad_id))
+        stats = self._reward_stats(rewards, parts, samples)
         kept, seen = [], set()
         for s, r in zip(samples, rewards.tolist()):
             key = (s.prompt.index, tuple(s.completion_ids))
