@@ -186,7 +186,8 @@ def test_resume_mid_rollout_is_exact(env: RLEnv, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_equal_one(env: RLEnv, tmp_path: Path) -> None:
+def test_ddp_two_processes_equal_one(env: RLEnv, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the letter reward's module
     rl = {"beta": 0.05, "scale_rewards": "batch", "prompts_per_step": 4}
     training = {"max_steps": 3, "eval_interval": 3, "batch_size": 4}
     one = rl_config(env, tmp_path / "one", "d", rl=rl, training=training)
@@ -213,6 +214,7 @@ def test_gsm8k_end_to_end(env: RLEnv, tmp_path: Path) -> None:
     if not gsm8k.is_file():
         pytest.skip("../shared/data/gsm8k is not here")
     data = tmp_path / "data"
+    data.mkdir()
     (data / "tokenizer").symlink_to(env.data_dir / "tokenizer")
     proc = run_script(["data_pipeline/download/download_prompts.py", "--source", "local", "--input", str(gsm8k),
                        "--max_prompts", "40", "--builtin_prompts", "0", "--data_dir", str(data)])
@@ -235,7 +237,7 @@ def test_online_rl_raises_the_held_out_reward(env: RLEnv, tmp_path: Path, algori
     rl = {"algorithm": algorithm, "val_prompts": 16, "prompts_per_step": 4, "group_size": 8}
     rl.update({"ppo": {"kl_coef": 0.0, "ppo_epochs": 2}, "rft": {"min_reward": 0.15, "steps_per_round": 2},
                "gspo": {"epsilon": 0.02, "epsilon_high": 0.03}}.get(algorithm, {}))
-    steps = 48 if algorithm == "ppo" else 24  # PPO: two updates per rollout, and its critic starts untrained
+    steps = 48 if algorithm in ("ppo", "rft") else 24  # two updates per rollout (PPO: its critic starts untrained)
     cfg = rl_config(env, tmp_path, algorithm, rl=rl,
                     training={"max_steps": steps, "eval_interval": steps, "learning_rate": 3e-3, "batch_size": 16})
     rl_stage.train(cfg)
