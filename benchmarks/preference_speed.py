@@ -55,9 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +65,9 @@ from typing import Any, Callable, Optional
 REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(REPO))
+
+from benchmarks.procs import (Channel, WorkerProcess, emit_report, log, parse_args_or_serve,  # noqa: E402
+                              peak_rss_mb, rss_mb, ru_maxrss_mb, take_turns)
 
 # name: (vocab, dim, layers, heads, kv heads, ffn hidden, max seq len) — configs A and B of
 # benchmarks/model_speed.py (its seq len is the model's max_seq_len here)
@@ -81,57 +82,7 @@ LORA = dict(r=8, alpha=16.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "g
 BIG = 10**9  # "never": eval / save / log intervals
 
 
-# ---------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float:
-    """Current resident set (MiB)."""
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    return kib / 1024
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set (MiB): VmHWM on Linux, else ru_maxrss."""
-    kib = _status_kib("VmHWM")
-    if kib is None:
-        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return ru / 2**20 if sys.platform == "darwin" else ru / 1024  # bytes on macOS, KiB on Linux
-    return kib / 1024
-
-
 # ---------------------------------------------------------------------------- worker side
-class Channel:
-    """The worker's end of the protocol: JSON lines on a private copy of stdout (fd 1 itself
-    then points at stderr, so library prints cannot corrupt it), commands on stdin."""
-
-    def __init__(self) -> None:
-        self.out = os.fdopen(os.dup(1), "w", buffering=1)
-        os.dup2(2, 1)
-        sys.stdout = sys.stderr
-
-    def send(self, msg: dict) -> None:
-        self.out.write(json.dumps(msg) + "\n")
-        self.out.flush()
-
-    def receive(self) -> dict:
-        line = sys.stdin.readline()
-        if not line:
-            raise SystemExit("coordinator went away")
-        return json.loads(line)
-
-
 def run_chunk(n: int, step: Callable[[], float]) -> dict:
     times, margins = [], []
     for _ in range(n):
@@ -154,7 +105,7 @@ def final_stats(extra: dict) -> dict:
     import torch
 
     return {"event": "done", "peak_rss_mb": peak_rss_mb(), "rss_end_mb": rss_mb(),
-            "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ru_maxrss_mb": ru_maxrss_mb(),
             "threads": torch.get_num_threads(), **extra}
 
 
@@ -340,69 +291,30 @@ def worker_main(spec_path: str, variant: str) -> None:
 
 
 # ---------------------------------------------------------------------------- coordinator side
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-class Worker:
+class Worker(WorkerProcess):
     def __init__(self, variant: str, spec_path: Path, log_path: Path, threads: int,
                  mmap_threshold: Optional[int] = None) -> None:
-        self.variant, self.log_path = variant, log_path
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {"TQDM_DISABLE": "1"}
         if mmap_threshold:  # glibc: blocks above it are mmapped, so freed tensors leave the resident set
             env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", str(spec_path),
-                                      variant], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log_file, text=True, cwd=REPO, env=env)
+        super().__init__(variant, __file__, [str(spec_path), variant], log_path, threads, env)
         self.times: list[float] = []
         self.margins: list[float] = []
         self.warmup_margins: list[float] = []
         self.rounds: list[float] = []  # summed step time of each round
-        self.info: dict = {}
-
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            tail = self.log_path.read_text()[-4000:]
-            raise RuntimeError(f"worker {self.variant} exited ({self.proc.returncode}); its log ends:\n{tail}")
-        msg = json.loads(line)
-        if msg.get("event") == "error":
-            tail = self.log_path.read_text()[-4000:]
-            raise RuntimeError(f"worker {self.variant} failed: {msg['error']}\n{tail}")
-        return msg
-
-    def _send(self, msg: dict) -> None:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
 
     def wait_ready(self) -> None:
-        self.info.update(self._read())
+        self.update_info()
 
     def run(self, n: int, measured: bool) -> None:
-        self._send({"cmd": "run", "n": n})
-        msg = self._read()
+        self.send({"cmd": "run", "n": n})
+        msg = self.read()
         if measured:
             self.times += msg["times"]
             self.margins += msg["margins"]
             self.rounds.append(sum(msg["times"]))
         else:
             self.warmup_margins += msg["margins"]
-
-    def stop(self) -> None:
-        self._send({"cmd": "stop"})
-        self.info.update(self._read())
-        self.proc.wait(timeout=120)
-        self.log_file.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.log_file.close()
 
 
 def write_tokenizer(out_dir: Path, vocab_size: int) -> None:
@@ -565,17 +477,13 @@ def bench_config(name: str, tmp: Path, args, variants: list[str]) -> dict:
             workers[v] = Worker(v, spec_path, tmp / name / f"{v}.log", args.threads, args.malloc_mmap_threshold)
             workers[v].wait_ready()
         log(f"[config {name}] warm-up: {args.warmup} step(s) each; then {args.rounds} round(s) of {chunk} step(s)")
-        for w in workers.values():
-            if args.warmup:
-                w.run(args.warmup, measured=False)
         order = list(workers.values())
-        for r in range(args.rounds):
-            for w in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
-                w.run(chunk, measured=True)
+
+        def progress(r: int) -> None:
             log(f"[config {name}] round {r + 1}/{args.rounds}: " + ", ".join(
-                f"{w.variant} {w.rounds[-1] / chunk:.3f}s" for w in order))
-        for w in workers.values():
-            w.stop()
+                f"{w.name} {w.rounds[-1] / chunk:.3f}s" for w in order))
+
+        take_turns(order, args.warmup, args.rounds, chunk, progress)
     finally:
         for w in workers.values():
             w.kill()
@@ -647,10 +555,8 @@ def main() -> None:
                         "the resident set, so peak RSS follows the live tensors instead of the allocator's cache "
                         "(steps get slower: use it for memory figures, not speed)")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--_worker", nargs=2, metavar=("SPEC", "VARIANT"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args._worker:
-        worker_main(*args._worker)
+    args = parse_args_or_serve(p, worker_main, "SPEC", "VARIANT")
+    if args is None:  # this was a worker
         return
 
     args.steps = args.steps or (2 if args.quick else 10)
@@ -692,11 +598,8 @@ def main() -> None:
             report["configs"][name] = bench_config(name, Path(tmp), args, variants)
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
+    emit_report(report, args.out)
     log(table(report))
-    if args.out:
-        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ built-in verifiable problems, from one SFT checkpoint warmed up on worked soluti
     python utils/demo.py                                   # data/demo + runs/sft/demo (the SFT model)
     python benchmarks/rl_quality.py [--sft runs/sft/demo/checkpoints/final] [--data_dir data/demo]
         [--algorithms grpo,gspo,ppo,rft] [--steps 400] [--warmup_steps 150] [--warm CKPT] [--out rl.json]
+        [--set training.learning_rate=1e-4 ...]
 
 1. Warm-up (skipped with ``--warm CKPT``): the SFT model is fine-tuned for ``--warmup_steps`` on the
    worked solutions of 4,000 built-in problems ("... 7 + 5 = 12. The answer is 12.") generated
@@ -73,7 +74,8 @@ def run_algorithm(algorithm: str, start: Path, data_dir: Path, runs: Path, args:
     overrides = [f"data.data_dir={data_dir}", f"checkpointing.init_from={start}", f"logging.runs_dir={runs}",
                  f"logging.run_name={algorithm}", f"training.max_steps={args.steps}",
                  f"training.eval_interval={args.eval_interval}", f"checkpointing.save_interval={args.steps}",
-                 f"rl.val_prompts={args.val_prompts}", "training.device=cpu", "logging.log_interval=10"]
+                 f"rl.val_prompts={args.val_prompts}", "training.device=cpu", "logging.log_interval=10",
+                 *args.overrides]
     cfg = load_config(REPO_ROOT / "configs" / "align" / f"{algorithm}.yaml", RLConfig, overrides)
     t0 = time.time()
     rl_stage.train(cfg)
@@ -100,6 +102,8 @@ def main() -> None:
     ap.add_argument("--warmup_steps", type=int, default=150)
     ap.add_argument("--warm", default=None, help="an already warmed-up checkpoint (skips the warm-up)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config overrides for every algorithm (e.g. training.learning_rate=1e-4)")
     args = ap.parse_args()
     sft, data_dir = resolve_path(args.sft), resolve_path(args.data_dir)
     for what, path in (("SFT checkpoint", sft), ("data dir", data_dir)):

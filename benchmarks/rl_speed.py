@@ -63,19 +63,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(REPO))
+
+from benchmarks.procs import (Channel, WorkerProcess, emit_report, log, parse_args_or_serve,  # noqa: E402
+                              peak_rss_mb, reset_peak_rss, rotated, rss_mb, ru_maxrss_mb, status_kib,
+                              take_turns)
 
 # name: (vocab, dim, layers, heads, kv heads, ffn hidden) — benchmarks/model_speed.py; "quick" is
 # the tiny shape of the tests (tests/test_sft.py TINY)
@@ -89,49 +91,8 @@ BIG = 10**9  # "never": eval / save / log intervals
 SHAPE_KEYS = ("vocab", "dim", "layers", "heads", "kv_heads", "ffn")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def median(values: list[float]) -> float:
     return statistics.median(values)
-
-
-# ---------------------------------------------------------------------------- memory
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float:
-    """Current resident set (MiB)."""
-    kib = _status_kib("VmRSS")
-    if kib is None:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    return kib / 1024
-
-
-def reset_peak_rss() -> bool:
-    """Start a new peak: Linux resets VmHWM (and with it ``ru_maxrss``) to the current resident
-    set on writing 5 to /proc/self/clear_refs; False where that is refused."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return _status_kib("VmHWM") is not None
-
-
-def ru_maxrss_mb() -> float:
-    """This process's peak resident set (MiB) from getrusage (KiB on Linux, bytes on macOS)."""
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru / 2**20 if sys.platform == "darwin" else ru / 1024
 
 
 # ---------------------------------------------------------------------------- the environment
@@ -280,7 +241,7 @@ def rollout_throughput(env: dict, args) -> dict[str, Any]:
     tokens: dict[str, int] = {}
     order = list(sides)
     for r in range(args.rounds):
-        for name in order[r % len(order):] + order[:r % len(order)]:  # rotate who goes first
+        for name in rotated(order, r):  # rotate who goes first
             n_tok, dt = sides[name](N, r)
             if tokens.setdefault(name, n_tok) != n_tok:
                 raise RuntimeError(f"{name}: {n_tok} tokens in round {r}, {tokens[name]} before")
@@ -310,26 +271,6 @@ def rollout_throughput(env: dict, args) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- 2./3. GRPO step workers
-class Channel:
-    """The worker's end of the protocol: JSON lines on a private copy of stdout (fd 1 itself
-    then points at stderr, so library prints cannot corrupt it), commands on stdin."""
-
-    def __init__(self) -> None:
-        self.out = os.fdopen(os.dup(1), "w", buffering=1)
-        os.dup2(2, 1)
-        sys.stdout = sys.stderr
-
-    def send(self, msg: dict) -> None:
-        self.out.write(json.dumps(msg) + "\n")
-        self.out.flush()
-
-    def receive(self) -> dict:
-        line = sys.stdin.readline()
-        if not line:
-            raise SystemExit("coordinator went away")
-        return json.loads(line)
-
-
 def stage_config(spec: dict, beta: float) -> dict:
     """configs/align/grpo.yaml's algorithm settings, sized by the spec, on the benchmark's files."""
     return {
@@ -379,9 +320,8 @@ def _worker(beta: float, threads: int, chan: Channel) -> None:
     with launch(cfg) as dist:
         trainer = rl_stage.build_trainer(cfg, method, source, dist)
         trainer.model.train()  # as `Trainer.fit` does
-        hwm = _status_kib("VmHWM")
         ready = {"event": "ready", "setup_s": time.perf_counter() - t0, "rss_after_imports_mb": rss_imports,
-                 "peak_rss_setup_mb": hwm / 1024 if hwm else ru_maxrss_mb(), "rss_at_ready_mb": rss_mb(),
+                 "peak_rss_setup_mb": peak_rss_mb(), "rss_at_ready_mb": rss_mb(),
                  "ru_maxrss_at_ready_mb": ru_maxrss_mb(),
                  "reference": cfg.rl.reference if beta else "none",
                  "grad_accum_steps": cfg.training.grad_accum_steps,
@@ -402,67 +342,31 @@ def _worker(beta: float, threads: int, chan: Channel) -> None:
                               "logps_s": roll["time/logps_s"], "generate_s": roll.get("time/generate_s"),
                               "completion_length": roll["completion_length"], "loss": stats["loss"]})
             chan.send({"event": "steps", "steps": steps})
-        hwm = _status_kib("VmHWM")
+        hwm = status_kib("VmHWM")
         chan.send({"event": "done", "ru_maxrss_mb": ru_maxrss_mb(), "rss_end_mb": rss_mb(),
                    "peak_rss_steps_mb": hwm / 1024 if steps_peak and hwm else None,
                    "threads": torch.get_num_threads()})
 
 
-class Worker:
+class Worker(WorkerProcess):
     """A worker process of one variant: it imports at once, then waits for its spec (`setup`)."""
 
     def __init__(self, name: str, beta: float, log_path: Path, threads: int) -> None:
-        self.name, self.log_path = name, log_path
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-               "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--_worker", repr(beta),
-                                      str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log_file, text=True, cwd=REPO, env=env)
-        self.info: dict[str, Any] = {}
+        super().__init__(name, __file__, [repr(beta), str(threads)], log_path, threads)
         self.steps: list[dict[str, float]] = []
 
-    def _read(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.proc.wait()
-            raise RuntimeError(f"worker {self.name} exited ({self.proc.returncode}); its log ends:\n"
-                               f"{self.log_path.read_text()[-4000:]}")
-        msg = json.loads(line)
-        if msg.get("event") == "error":
-            raise RuntimeError(f"worker {self.name} failed: {msg['error']}\n{msg['traceback'][-4000:]}")
-        return msg
-
-    def _send(self, msg: dict) -> None:
-        self.proc.stdin.write(json.dumps(msg) + "\n")
-        self.proc.stdin.flush()
-
     def wait_imported(self) -> None:
-        self.info.update(self._read())
+        self.update_info()
 
     def setup(self, spec: dict) -> None:
-        self._send({"cmd": "setup", "spec": spec})
-        self.info.update(self._read())
+        self.send({"cmd": "setup", "spec": spec})
+        self.update_info()
 
     def run(self, n: int, measured: bool) -> None:
-        self._send({"cmd": "run", "n": n})
-        steps = self._read()["steps"]
+        self.send({"cmd": "run", "n": n})
+        steps = self.read()["steps"]
         if measured:
             self.steps += steps
-
-    def stop(self) -> None:
-        self._send({"cmd": "stop"})
-        self.info.update(self._read())
-        self.proc.wait(timeout=120)
-        self.log_file.close()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if not self.log_file.closed:
-            self.log_file.close()
 
 
 def start_workers(args, tmp: Path) -> dict[str, Worker]:
@@ -526,17 +430,13 @@ def grpo_steps(workers: dict[str, Worker], env: dict, args, tmp: Path) -> dict[s
             log(f"[grpo] setting up {name} ...")
             w.setup(spec)
         log(f"[grpo] warm-up: {args.warmup} step(s) each; then {args.steps} step(s) each, taking turns")
-        for w in workers.values():
-            if args.warmup:
-                w.run(args.warmup, measured=False)
         order = list(workers.values())
-        for r in range(args.steps):
-            for w in order[r % len(order):] + order[:r % len(order)]:
-                w.run(1, measured=True)
+
+        def progress(r: int) -> None:
             log(f"[grpo] step {r + 1}/{args.steps}: " + ", ".join(
                 f"{w.name} {w.steps[-1]['step_s']:.2f}s (rollout {w.steps[-1]['rollout_s']:.2f}s)" for w in order))
-        for w in workers.values():
-            w.stop()
+
+        take_turns(order, args.warmup, args.steps, 1, progress)
     finally:
         for w in workers.values():
             w.kill()
@@ -579,10 +479,8 @@ def main() -> None:
     p.add_argument("--no_num_return_sequences", action="store_true",
                    help="skip the transformers num_return_sequences variant")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--_worker", nargs=2, metavar=("BETA", "THREADS"), help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args._worker:
-        worker_main(*args._worker)
+    args = parse_args_or_serve(p, worker_main, "BETA", "THREADS")
+    if args is None:  # this was a worker
         return
     q = args.quick
     args.prompts = args.prompts or (4 if q else 16)
@@ -632,10 +530,7 @@ def main() -> None:
                 w.kill()
     report["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

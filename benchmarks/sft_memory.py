@@ -32,13 +32,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.procs import emit_report, ru_maxrss_mb  # noqa: E402
 
 MODES = ("full", "lora", "qlora")
 PRESET = "llama-50m"
@@ -118,7 +122,7 @@ def child(mode: str, work: Path, steps: int, seq_len: int, batch_size: int, devi
         model = trainer.base
         build_s = time.perf_counter() - t0
         losses = [round(trainer.train_step()["loss"], 4) for _ in range(steps)]
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = ru_maxrss_mb()
     wb = weight_bytes(model)
     n_params = count_params(cfg.model)["total"]
     head = model.lm_head.base_layer if hasattr(model.lm_head, "base_layer") else model.lm_head
@@ -188,10 +192,7 @@ def main() -> None:
     report = {"model": PRESET, **info, "seq_len": args.seq_len, "batch_size": args.batch_size, "steps": args.steps,
               "device": args.device, "dtype": "bf16 autocast", "activation_checkpointing": True, "lora": LORA,
               "qlora": QLORA, "results": results, "summary": summarize(results)}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":
