@@ -258,6 +258,8 @@ def test_shipped_configs_validate() -> None:
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert {"dpo.yaml", "orpo.yaml", "simpo.yaml", "kto.yaml", "reward_model.yaml", "dpo_lora.yaml"} <= set(names)
     for name in names:
+        if "stage: rl" in (root / name).read_text():  # online RL: tests/test_rl.py
+            continue
         cfg = load_config(root / name, AlignConfig)
         assert (cfg.align is None) != (cfg.reward is None), name
     assert sys.executable  # configs load without torch-side checks
