@@ -189,3 +189,20 @@ def test_params_normalisation():
 def test_sample_rejects_mismatched_lengths():
     with pytest.raises(ValueError, match="logit rows"):
         sample(torch.zeros(2, 4), [SamplingParams()], [[0]], [None], [1])
+
+
+def test_seeded_rows_follow_the_distribution_and_skip_masked_tokens():
+    """Seeded rows sample by inverse CDF (one uniform each): frequencies match the probabilities,
+    and a token removed by top-k never comes out."""
+    from inference.engine.sampling import inverse_cdf_sample
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2]])
+    n = 4000
+    drawn = inverse_cdf_sample(probs.expand(n, 4), [make_generator(s) for s in range(n)])
+    freq = torch.bincount(drawn, minlength=4).float() / n
+    assert freq[1] == 0
+    assert torch.allclose(freq, probs[0], atol=0.03), freq
+    logits = _logits().expand(n, 5)
+    params = [SamplingParams(temperature=1.0, top_k=2, seed=s) for s in range(n)]
+    out = sample(logits, params, [[0]] * n, [make_generator(s) for s in range(n)], [1] * n)
+    assert len(set(out.token_ids.tolist())) == 2

@@ -14,8 +14,9 @@ its own parameters. The processing order, per row:
    always at least the most likely token), min-p (Nguyen et al., 2024: drop tokens whose
    probability is below min_p * the largest probability);
 4. draw from the truncated distribution: argmax(p / q) with q ~ Exp(1) (the exponential race,
-   equivalent to multinomial sampling); a request with a seed draws q from its own
-   torch.Generator, so its tokens never depend on what else is in the batch.
+   equivalent to multinomial sampling) from the global RNG; a request with a seed draws one
+   uniform from its own torch.Generator and takes the inverse CDF (`inverse_cdf_sample`), so
+   its tokens never depend on what else is in the batch.
 
 Log-probabilities reported (chosen token and top alternatives) are
 log_softmax(penalised logits / temperature) -- after penalties and temperature (temperature 1
@@ -139,6 +140,17 @@ def top_k_top_p_min_p_mask(
     return torch.zeros_like(remove).scatter(-1, order, remove)
 
 
+def inverse_cdf_sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of probs (R, V), row r drawing a single uniform u from its own generator:
+    the first token whose cumulative probability exceeds u · total (inverse-CDF sampling, exact
+    for the distribution; a zero-probability token is never picked). One random number per row
+    instead of V keeps seeded sampling cheap at large batches."""
+    u = torch.stack([torch.rand((), generator=g, device=probs.device, dtype=torch.float64) for g in generators])
+    cdf = probs.double().cumsum(dim=-1)  # (R, V)
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)  # (R,)
+    return idx.clamp(max=probs.shape[-1] - 1)
+
+
 # ---- the batched sampler ------------------------------------------------------------------
 def _penalty_inputs(
     histories: list[list[int]], prompt_lens: list[int], shape: torch.Size, device: torch.device
@@ -196,13 +208,13 @@ def sample(
             )
             logits = logits.masked_fill(removed, float("-inf"))
         probs = logits.softmax(dim=-1)  # (B, V)
-        race = torch.empty_like(probs)  # (B, V)
-        if any(g is None for g in generators):
-            race.exponential_()  # the global RNG for unseeded rows
-        for i, generator in enumerate(generators):
-            if generator is not None and not params[i].greedy:
-                race[i].exponential_(generator=generator)
-        sampled = (probs / race.clamp_min(1e-20)).argmax(dim=-1)  # (B,)
+        sampled = token_ids.clone()  # (B,)
+        if any(g is None for g in generators):  # the global RNG: the exponential race over the batch
+            race = torch.empty_like(probs).exponential_()  # (B, V)
+            sampled = (probs / race.clamp_min(1e-20)).argmax(dim=-1)
+        seeded = [i for i, g in enumerate(generators) if g is not None and not params[i].greedy]
+        if seeded:
+            sampled[seeded] = inverse_cdf_sample(probs[seeded], [generators[i] for i in seeded])
         token_ids = torch.where(greedy, token_ids, sampled)
 
     chosen_logprobs = logprobs_all.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1)  # (B,)
