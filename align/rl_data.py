@@ -15,7 +15,6 @@ included) and the log-prob tensors line up with ``logits[:, :-1]``.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Optional, Union
 import torch
 
 from data_pipeline.chat import ChatTokenizer, check_messages, encode_prompt
+from data_pipeline.download.sources import iter_jsonl
 from data_pipeline.loader import IGNORE_INDEX
 from utils.errors import UserError
 
@@ -46,21 +46,9 @@ class PromptRecord:
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
     """The records of a prompts file; a `UserError` naming the line for anything malformed."""
-    if not path.is_file():
-        raise UserError(f"RL prompts file not found: {path} (write one with "
-                        "python data_pipeline/download/download_prompts.py)")
     records = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: not valid JSON Lines ({e.msg})") from None
+    missing = f"RL prompts file not found: {path} (write one with python data_pipeline/download/download_prompts.py)"
+    for lineno, rec in iter_jsonl(path, missing):
         if not isinstance(rec, dict):
             raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
         prompt = rec.get("prompt")

@@ -20,6 +20,7 @@ a RuntimeError on the coordinator's side, with the traceback (else the log's tai
 from __future__ import annotations
 
 import argparse
+from abc import ABC, abstractmethod
 import json
 import os
 import resource
@@ -130,7 +131,7 @@ class Channel:
 
 
 # ---------------------------------------------------------------------------- coordinator side
-class WorkerProcess:
+class WorkerProcess(ABC):
     """The coordinator's end: ``python script --_worker *argv`` from the repo root, with
     ``threads`` OpenMP / MKL threads (``env`` adds or overrides variables), stderr to
     ``log_path``. ``info`` gathers the fields of the messages read by `update_info`."""
@@ -161,6 +162,7 @@ class WorkerProcess:
             raise RuntimeError(f"worker {self.name} failed: {msg['error']}\n{detail[-4000:]}")
         return msg
 
+    @abstractmethod
     def run(self, n: int, measured: bool) -> None:
         """Have the worker run ``n`` steps and keep what it reports (the benchmark's own)."""
         raise NotImplementedError

@@ -18,8 +18,6 @@ pool (``workers``), each in its own sandboxed process. pass@k is the unbiased es
 """
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -27,17 +25,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from data_pipeline.download.sources import iter_jsonl
 from eval.pass_at_k import mean_pass_at_k, pass_at_k_stderr
 from eval.sandbox import ExecResult, run_program
 from utils.errors import UserError
 
 REQUIRED_KEYS = ("task_id", "prompt", "entry_point", "test")
-
-
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
 
 
 def _check_problem(problem: Any, where: str) -> None:
@@ -51,26 +44,14 @@ def _check_problem(problem: Any, where: str) -> None:
 def load_problems(path: str | os.PathLike) -> list[dict]:
     """The problems of a ``HumanEval.jsonl.gz`` (or plain ``.jsonl``) file, in file order."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"HumanEval problems file not found: {path}")
     problems: list[dict] = []
     seen: set[str] = set()
-    try:
-        with _open_text(path) as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    problem = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-                _check_problem(problem, f"{path}:{line_no}")
-                if problem["task_id"] in seen:
-                    raise UserError(f"{path}:{line_no}: duplicate task_id {problem['task_id']}")
-                seen.add(problem["task_id"])
-                problems.append(problem)
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read HumanEval problems {path}: {e}") from None
+    for line_no, problem in iter_jsonl(path, f"HumanEval problems file not found: {path}"):
+        _check_problem(problem, f"{path}:{line_no}")
+        if problem["task_id"] in seen:
+            raise UserError(f"{path}:{line_no}: duplicate task_id {problem['task_id']}")
+        seen.add(problem["task_id"])
+        problems.append(problem)
     if not problems:
         raise UserError(f"HumanEval problems file {path} holds no problem")
     return problems

@@ -21,7 +21,7 @@ runs candidates from a thread pool). The bootstrap, in order:
 2. **privileges**: as root, RLIMIT_NPROC is ignored by the kernel, so the child drops to a throwaway
    uid/gid (random, in 1,000,000-1,899,999; ``nobody`` = 65534 where that is refused), chowns its
    work dir to it, and keeps one capability, ``CAP_DAC_READ_SEARCH`` (read-only access to every
-   file), only so that an interpreter installed under a private home (``/root/.pyenv``) still
+   file), only so that an interpreter installed under a private home directory (e.g. pyenv's) still
    imports its standard library. That uid owns nothing else: it cannot write, delete or chmod any
    file outside the work dir and world-writable dirs (``/tmp``, ``/dev/shm``), nor signal any
    process but its own. ``PR_SET_NO_NEW_PRIVS`` then makes setuid binaries useless to it.
@@ -433,7 +433,7 @@ def _check_limits(timeout: float, memory_mb: int, max_processes: int, max_file_m
 def _child_env(work: Path) -> dict[str, str]:
     """A small clean environment: HOME and the temp dirs point into the work dir."""
     return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PATH": os.defpath,  # the system's default search path, not the caller's
         "HOME": str(work),
         "TMPDIR": str(work),
         "TMP": str(work),

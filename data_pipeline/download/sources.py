@@ -103,12 +103,14 @@ def fallback(reason: str, no_fallback: bool, what: str, instead: str = "the buil
           file=sys.stderr, flush=True)
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSON Lines file (optionally gzip-compressed); UserError on any problem."""
+def iter_jsonl(path: Path, missing: Optional[str] = None) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for every non-blank line of a JSON Lines file (optionally
+    gzip-compressed). A `UserError` naming the file (and line) for a missing file (``missing``:
+    the message, default "input file PATH not found"), bad JSON or an unreadable file; checking
+    what each record holds is the caller's."""
     if not path.is_file():
-        raise UserError(f"input file {path} not found")
+        raise UserError(missing or f"input file {path} not found")
     opener = gzip.open if path.suffix == ".gz" else open
-    records = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -118,11 +120,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not valid JSON Lines ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                records.append(rec)
-    except (OSError, UnicodeDecodeError) as e:
+                yield lineno, rec
+    except (OSError, EOFError, UnicodeDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSON Lines file (optionally gzip-compressed); UserError on any problem."""
+    records = []
+    for lineno, rec in iter_jsonl(path):
+        if not isinstance(rec, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
     if not records:
         raise UserError(f"{path} is empty")
     return records

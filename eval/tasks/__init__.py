@@ -13,6 +13,7 @@ with standard errors (`aggregate`). Where a convention exists, it is lm-evaluati
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 import hashlib
 import math
 from dataclasses import dataclass
@@ -77,7 +78,7 @@ def metric(value: float, stderr: float = float("nan")) -> dict[str, Optional[flo
     return {"value": None if math.isnan(value) else value, "stderr": None if math.isnan(stderr) else stderr}
 
 
-class Task:
+class Task(ABC):
     """Base class; see the module docstring."""
 
     name: str = ""
@@ -89,15 +90,19 @@ class Task:
         self.files: dict[str, str] = {}  # data file -> sha256
         self.info: dict[str, Any] = {}  # settings the results should record (split, shots, ...)
 
+    @abstractmethod
     def load(self, model: Any) -> None:
         raise NotImplementedError
 
+    @abstractmethod
     def requests(self, doc: dict[str, Any]) -> list[Any]:
         raise NotImplementedError
 
+    @abstractmethod
     def score(self, docs: list[dict[str, Any]], answers: list[list[Any]]) -> list[dict[str, Any]]:
         raise NotImplementedError
 
+    @abstractmethod
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, dict[str, Optional[float]]]:
         raise NotImplementedError
 
