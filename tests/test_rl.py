@@ -237,7 +237,7 @@ def test_online_rl_raises_the_held_out_reward(env: RLEnv, tmp_path: Path, algori
     rl = {"algorithm": algorithm, "val_prompts": 16, "prompts_per_step": 4, "group_size": 8}
     rl.update({"ppo": {"kl_coef": 0.0, "ppo_epochs": 2}, "rft": {"min_reward": 0.15, "steps_per_round": 2},
                "gspo": {"epsilon": 0.02, "epsilon_high": 0.03}}.get(algorithm, {}))
-    steps = 48 if algorithm in ("ppo", "rft") else 24  # two updates per rollout (PPO: its critic starts untrained)
+    steps = {"ppo": 72, "rft": 48, "grpo": 40}.get(algorithm, 24)  # two updates per rollout (PPO: its critic starts untrained)
     cfg = rl_config(env, tmp_path, algorithm, rl=rl,
                     training={"max_steps": steps, "eval_interval": steps, "learning_rate": 3e-3, "batch_size": 16})
     rl_stage.train(cfg)
