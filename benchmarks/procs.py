@@ -165,7 +165,6 @@ class WorkerProcess(ABC):
     @abstractmethod
     def run(self, n: int, measured: bool) -> None:
         """Have the worker run ``n`` steps and keep what it reports (the benchmark's own)."""
-        raise NotImplementedError
 
     def send(self, msg: dict) -> None:
         self.proc.stdin.write(json.dumps(msg) + "\n")

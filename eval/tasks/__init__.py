@@ -92,19 +92,19 @@ class Task(ABC):
 
     @abstractmethod
     def load(self, model: Any) -> None:
-        raise NotImplementedError
+        """Read the task's data (and settings the model decides, e.g. its max length) into ``self.docs``."""
 
     @abstractmethod
     def requests(self, doc: dict[str, Any]) -> list[Any]:
-        raise NotImplementedError
+        """The requests (loglikelihood / loglikelihood_rolling / generate_until) one document needs."""
 
     @abstractmethod
     def score(self, docs: list[dict[str, Any]], answers: list[list[Any]]) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        """One record per document from the answers to its requests (prediction, target, correctness, ...)."""
 
     @abstractmethod
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, dict[str, Optional[float]]]:
-        raise NotImplementedError
+        """The task's metrics from the records: ``{metric: {"value": v, "stderr": se}}``."""
 
     def _record_files(self, paths: Sequence[Path]) -> None:
         for p in paths:
