@@ -33,6 +33,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.procs import emit_report  # noqa: E402
 from align import stage  # noqa: E402
 from align.config import AlignConfig  # noqa: E402
 from data_pipeline.processing import build_preference_bins  # noqa: E402
@@ -118,10 +119,7 @@ def main() -> None:
                                                                 args.batch_size)
                 print(f"[quality] reward model on {name}: {json.dumps(results['real_reward_model'][name])}",
                       file=sys.stderr, flush=True)
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from typing import Any
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.procs import emit_report  # noqa: E402
 from align import rl_stage  # noqa: E402
 from align.rl_config import RLConfig  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -122,10 +123,7 @@ def main() -> None:
         for algorithm in args.algorithms.split(","):
             result[algorithm] = run_algorithm(algorithm, start, data_dir, root / "runs", args)
             print(json.dumps({algorithm: result[algorithm]}), flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit_report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,6 @@ that path when β > 0) and an offline word-level tokenizer. Nothing is downloade
 """
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 
 import pytest
@@ -42,6 +40,7 @@ datasets = pytest.importorskip("datasets")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 
 from align.rl_losses import (aggregate_loss, group_advantages, policy_loss, zero_variance_groups)  # noqa: E402
+from test_align_trl_parity import _quiet  # noqa: E402  (one silencer for both TRL parity files)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),
@@ -60,30 +59,6 @@ REWARDS = [1.0, 0.0, 2.0, 0.5, 3.0, 2.0, 1.0, 0.0]  # advantage signs +, -, +, -
 ROW_LOG_RATIO = [0.22, -0.3, 0.4, 0.1, 0.0, -0.3, -0.4, 0.3]
 EPS, EPS_HIGH, BETA = 0.2, 0.28, 0.04
 HOW = {"grpo": "sequence_mean", "bnpo": "token_mean", "dapo": "token_mean", "dr_grpo": "dr_grpo"}
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Silence transformers / datasets / TRL logging and progress bars, and restore them after."""
-    hf_logging = transformers.utils.logging
-    verbosity, loggers = hf_logging.get_verbosity(), {n: logging.getLogger(n) for n in ("trl", "accelerate")}
-    levels = {n: lg.level for n, lg in loggers.items()}
-    datasets_bars, hf_bars = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    for lg in loggers.values():
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if hf_bars:
-            hf_logging.enable_progress_bar()
-        if datasets_bars:
-            datasets.enable_progress_bars()
-        for n, lg in loggers.items():
-            lg.setLevel(levels[n])
 
 
 def _tokenizer():

@@ -13,13 +13,13 @@ with standard errors (`aggregate`). Where a convention exists, it is lm-evaluati
 from __future__ import annotations
 
 import difflib
-from abc import ABC, abstractmethod
-import hashlib
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from data_pipeline.formats import file_sha256
 from utils.errors import UserError
 
 TASK_NAMES = ("ppl", "mmlu", "gsm8k", "humaneval")
@@ -63,14 +63,6 @@ def pooled_stderr(stderrs: Sequence[float], sizes: Sequence[int]) -> float:
         return float("nan")
     var = math.fsum((n - 1) * (0.0 if math.isnan(s) else s) ** 2 * n for s, n in zip(stderrs, sizes))
     return math.sqrt(var / (sum(sizes) - len(sizes)) / sum(sizes))
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def metric(value: float, stderr: float = float("nan")) -> dict[str, Optional[float]]:
