@@ -131,12 +131,3 @@ def reference_logps_fn(model: nn.Module, temperature: float, batch_size: int, am
         return batched_logps(model, batch, temperature, batch_size, amp)
 
     return reference
-
-
-def policy_of(model: nn.Module) -> nn.Module:
-    """The policy inside an `ActorCritic` (or the model itself)."""
-    return model.policy if isinstance(model, ActorCritic) else model
-
-
-def value_of(model: nn.Module) -> Optional[nn.Module]:
-    return model.value if isinstance(model, ActorCritic) else None
