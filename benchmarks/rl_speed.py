@@ -416,7 +416,10 @@ def summarise(w: Worker, rows: int) -> dict[str, Any]:
     if stage_generate:  # the stage's own sampling + scoring timer, where it has one (time/generate_s)
         out["stage_generate_s_median"] = round(median(stage_generate), 4)
     # the whole life's peak: ru_maxrss before the reset (imports + setup) and at the end (the steps)
-    out["peak_rss_mb"] = round(max(info["ru_maxrss_at_ready_mb"], info["ru_maxrss_mb"]), 1)
+    # (VmHWM and ru_maxrss are read at different moments and rounded apart: take the largest of all)
+    peaks = [info["ru_maxrss_at_ready_mb"], info["ru_maxrss_mb"], info["peak_rss_setup_mb"],
+             info["peak_rss_steps_mb"] or 0.0]
+    out["peak_rss_mb"] = round(max(peaks), 1)
     out["peak_rss_above_imports_mb"] = round(out["peak_rss_mb"] - out["rss_after_imports_mb"], 1)
     return out
 
