@@ -128,3 +128,24 @@ def test_engine_skips_injected_spike(tmp_path: Path) -> None:
     trainer.loss_fn = spiking
     stats = trainer.train_step()
     assert stats["decision"].action == "skip" and "spike" in stats["decision"].reason
+
+
+def test_fp16_training_survives_a_skip(tmp_path: Path) -> None:
+    """fp16 (GradScaler, here its CPU path): a skipped update must end the scaler's step, else
+    the next step's unscale_ raises "unscale_() has already been called" (issue 14, defect 1).
+    A guard skip leaves the loss scale as it was."""
+    trainer, _ = _setup(tmp_path, bad_steps={2}, dtype="fp16")
+    assert trainer.scaler.is_enabled()
+    assert trainer.train_step()["decision"].action == "step"
+    scale = trainer.scaler.get_scale()
+    assert trainer.train_step()["decision"].action == "skip"
+    assert trainer.scaler.get_scale() == scale
+    for _ in range(3):
+        assert trainer.train_step()["decision"].action == "step"
+
+
+def test_fp16_training_survives_a_rollback(tmp_path: Path) -> None:
+    trainer, _ = _setup(tmp_path, bad_steps={8, 9, 10}, dtype="fp16")
+    summary = trainer.fit()
+    assert summary["step"] == 12 and trainer.guard.rollbacks == 1
+    assert math.isfinite(summary["loss"])

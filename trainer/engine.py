@@ -284,6 +284,10 @@ class Trainer:
             if decision.action == "step":
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+            elif self.scaler.is_enabled():
+                # end the scaler's step (unscale_ ran) without a loss-scale change: the guard, not
+                # an fp16 overflow, rejected this update. Without it the next unscale_ raises.
+                self.scaler.update(new_scale=self.scaler.get_scale())
         if decision.action == "step":
             update_moe_biases(self.base)
         else:
