@@ -1,11 +1,13 @@
 """Generate a continuation of one prompt with a checkpoint (the offline engine, from the shell).
 
     python inference/generate.py --checkpoint runs/.../step_00001000 --prompt "Once upon a time"
-        [--max_new_tokens 128 --temperature 0.8 --top_p 1.0 --top_k 0 --seed 0]
+        [--max_new_tokens N --temperature 0.8 --top_p 1.0 --top_k 0 --seed 0]
         [--json] [--adapter LORA_DIR] [--draft SMALL_CKPT --num_speculative_tokens 4] [--chat]
 
-The text streams to stdout as it is generated, then ``[N tokens, X tok/s, finish reason]`` goes
-to stderr. ``--json`` prints one JSON object instead (text, token ids, finish reason, timing,
+Without ``--max_new_tokens`` the continuation is up to 128 tokens, fewer when the prompt leaves
+less of the model's context (a note on stderr says so); an explicit ``--max_new_tokens`` that
+does not fit is an error. The text streams to stdout as it is generated, then
+``[N tokens, X tok/s, finish reason]`` goes to stderr. ``--json`` prints one JSON object instead (text, token ids, finish reason, timing,
 and with ``--draft`` the speculative-decoding acceptance rate). ``--chat`` wraps the prompt as
 a user message in the chat template and stops at the end of the assistant turn. The checkpoint
 may be one of ours or a Hugging Face directory; ``--draft`` is a smaller model with the same
@@ -22,12 +24,16 @@ from typing import Any
 from data_pipeline.formats import IM_END
 from utils.errors import UserError, cli_main
 
+DEFAULT_MAX_NEW_TOKENS = 128
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="checkpoint or Hugging Face model directory")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, capped by what is left of the "
+                        "context; an explicit value that does not fit is an error)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
@@ -42,23 +48,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_params(args: argparse.Namespace, stop_token_ids: list[int]) -> Any:
+def build_params(args: argparse.Namespace, max_tokens: int, stop_token_ids: list[int]) -> Any:
     from inference.engine.sampling import SamplingParams
 
     try:
         return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                              max_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids)
+                              max_tokens=max_tokens, stop_token_ids=stop_token_ids)
     except ValueError as e:
         raise UserError(str(e)) from None
 
 
+def default_max_tokens(prompt_len: int, max_model_len: int) -> int:
+    """The length used when the user gave none: `DEFAULT_MAX_NEW_TOKENS`, or what is left of the
+    context after the prompt when that is less (at least 1, so a too-long prompt still gets the
+    engine's own error naming its length)."""
+    return max(1, min(DEFAULT_MAX_NEW_TOKENS, max_model_len - prompt_len))
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise UserError(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
     if args.num_speculative_tokens < 1:
         raise UserError(f"--num_speculative_tokens must be >= 1, got {args.num_speculative_tokens}")
-    build_params(args, [])  # bad sampling flags fail before the model loads
+    build_params(args, args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, [])  # bad flags fail before the model loads
     from inference.engine.llm_engine import LLMEngine
 
     engine = LLMEngine(args.checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype, max_num_seqs=1,
@@ -68,12 +81,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.chat:
         prompt_ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
         im_end = engine.tokenizer.token_to_id(IM_END)
-        params = build_params(args, [im_end] if im_end is not None else [])
+        stop_ids = [im_end] if im_end is not None else []
     else:
         prompt_ids = engine.tokenizer.encode(args.prompt, add_special_tokens=False).ids
-        params = build_params(args, [])
+        stop_ids = []
     if not prompt_ids:
         raise UserError("the prompt is empty")
+    max_tokens = args.max_new_tokens
+    if max_tokens is None:
+        max_tokens = default_max_tokens(len(prompt_ids), engine.max_model_len)
+        if max_tokens < DEFAULT_MAX_NEW_TOKENS:
+            print(f"note: generating at most {max_tokens} tokens, what the prompt ({len(prompt_ids)} tokens) leaves "
+                  f"of the model's context ({engine.max_model_len}); --max_new_tokens sets the length",
+                  file=sys.stderr, flush=True)
+    params = build_params(args, max_tokens, stop_ids)
     try:
         engine.add_request(prompt_ids, params)
     except ValueError as e:

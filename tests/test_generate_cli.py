@@ -51,6 +51,25 @@ def test_chat_flag_uses_the_template(ckpt, capsys) -> None:
     assert result["prompt_tokens"] > len("hi")  # the template's special tokens and header
 
 
+def test_default_length_is_capped_by_the_context_left() -> None:
+    assert generate.default_max_tokens(4, 1024) == generate.DEFAULT_MAX_NEW_TOKENS
+    assert generate.default_max_tokens(4, 128) == 124
+    assert generate.default_max_tokens(128, 128) == 1  # the engine then names the too-long prompt
+
+
+def test_default_length_fits_a_short_context_and_says_so(ckpt) -> None:
+    # The README's first inference command: no --max_new_tokens, a model whose context (64 here)
+    # is shorter than prompt + the default 128 tokens.
+    proc = run_script(["inference/generate.py", "--checkpoint", str(ckpt), "--prompt", "Once upon a time",
+                       "--temperature", "0", "--device", "cpu", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    room = 64 - result["prompt_tokens"]
+    assert 0 < result["completion_tokens"] <= room
+    notes = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(notes) == 1 and f"at most {room} tokens" in notes[0] and "--max_new_tokens" in notes[0], notes
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--checkpoint", "{tmp}/missing"], "checkpoint not found"),
     (["--checkpoint", "{tmp}"], "not a checkpoint directory"),
