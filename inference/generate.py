@@ -7,9 +7,10 @@
 Without ``--max_new_tokens`` the continuation is up to 128 tokens, fewer when the prompt leaves
 less of the model's context (a note on stderr says so); an explicit ``--max_new_tokens`` that
 does not fit is an error. The text streams to stdout as it is generated, then
-``[N tokens, X tok/s, finish reason]`` goes to stderr. ``--json`` prints one JSON object instead (text, token ids, finish reason, timing,
-and with ``--draft`` the speculative-decoding acceptance rate). ``--chat`` wraps the prompt as
-a user message in the chat template and stops at the end of the assistant turn. The checkpoint
+``[N tokens, X tok/s, finish reason]`` goes to stderr. ``--json`` prints one JSON object
+instead (text, token ids, finish reason, timing, and with ``--draft`` the speculative-decoding
+acceptance rate). ``--chat`` wraps the prompt as a user message in the chat template and stops
+at the end of the assistant turn. The checkpoint
 may be one of ours or a Hugging Face directory; ``--draft`` is a smaller model with the same
 tokenizer for speculative decoding (Leviathan et al., 2023).
 """
