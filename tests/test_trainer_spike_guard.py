@@ -149,3 +149,35 @@ def test_fp16_training_survives_a_rollback(tmp_path: Path) -> None:
     summary = trainer.fit()
     assert summary["step"] == 12 and trainer.guard.rollbacks == 1
     assert math.isfinite(summary["loss"])
+
+
+def test_rollback_discards_checkpoints_of_the_bad_stretch(tmp_path: Path) -> None:
+    """Updates 8-10 are bad; step_00000009 is saved inside the streak. The rollback to step 6
+    must delete it and supersede step_00000006 with the post-rollback state, so a run killed
+    right after the rollback resumes (`--resume auto`) with the lowered LR scale, not from the
+    bad stretch (issue 14, defect 13)."""
+    from trainer.checkpointing import resolve_resume
+    from utils.checkpoint import list_checkpoints, load_checkpoint
+
+    trainer, _ = _setup(tmp_path, bad_steps={8, 9, 10})
+    inner = trainer.loss_fn
+    seen: list[str] = []
+
+    def killed_after_rollback(model, batch):
+        if trainer.guard.rollbacks:
+            raise RuntimeError("killed")
+        seen.extend(p.name for p in list_checkpoints(trainer.run.checkpoints))
+        return inner(model, batch)
+
+    trainer.loss_fn = killed_after_rollback
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.fit()
+    assert "step_00000009" in seen  # saved during the streak...
+    names = [p.name for p in list_checkpoints(trainer.run.checkpoints)]
+    assert names == ["step_00000003", "step_00000006"]  # ...and gone after the rollback
+    resumed = resolve_resume("auto", trainer.run.checkpoints)
+    assert resumed is not None and resumed.name == "step_00000006"
+    state = load_checkpoint(resumed, load_training_state=True).training_state
+    assert state["step"] == 6
+    assert state["spike_guard"]["lr_scale"] == 0.5 and state["spike_guard"]["rollbacks"] == 1
+    assert state["ranks"][0]["data"]["pos"] == 10  # past the three bad batches

@@ -138,15 +138,24 @@ class CheckpointManager:
         if self.keep_best and self.best_step is not None:
             keep.add(step_dir(self.root, self.best_step))
         for p in ckpts:
-            if p not in keep:  # rename first: a crash mid-delete leaves no half checkpoint under a step name
-                doomed = p.with_name(f".del-{p.name}")
-                os.rename(p, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+            if p not in keep:
+                _remove_checkpoint(p)
+
+    def discard_after(self, step: int) -> list[Path]:
+        """Delete the step checkpoints newer than `step` (a spike-guard rollback to `step`): they
+        hold the diverging stretch, and would otherwise outrank the rolled-back run's own
+        checkpoints in `--resume auto` and in pruning. Returns what was deleted (rank 0)."""
+        if not self.is_writer:
+            return []
+        doomed = [p for p in list_checkpoints(self.root) if checkpoint_step(p) > step]
+        for p in doomed:
+            _remove_checkpoint(p)
+        return doomed
 
     def newest_before(self, step: int) -> Optional[Path]:
         """The newest resumable checkpoint whose step is <= `step` (rollback target)."""
         for p in reversed(list_checkpoints(self.root)):
-            if int(p.name[len("step_"):]) <= step and (p / "training_state" / "state.json").is_file():
+            if checkpoint_step(p) <= step and (p / "training_state" / "state.json").is_file():
                 return p
         return None
 
@@ -156,6 +165,18 @@ class CheckpointManager:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_loss = state.get("best_loss")
         self.best_step = state.get("best_step")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a ``step_NNNNNNNN`` checkpoint directory."""
+    return int(path.name[len("step_"):])
+
+
+def _remove_checkpoint(path: Path) -> None:
+    """Rename first, then delete: a crash mid-delete leaves no half checkpoint under a step name."""
+    doomed = path.with_name(f".del-{path.name}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- trainer state
@@ -227,9 +248,10 @@ def save_training_checkpoint(trainer: Any, final: bool = False) -> Optional[Path
 def load_training_checkpoint(trainer: Any, path: Path, restore_data: bool) -> None:
     """Restore a `Trainer` from a checkpoint on every rank.
 
-    ``restore_data=True`` (resume): also the RNG states, data position, spike-guard and best-
-    checkpoint records. ``False`` (spike-guard rollback): weights, optimizer, loss scale and
-    step only — the data stream goes on past the batches that caused the trouble.
+    ``restore_data=True`` (resume): also the RNG states, data position and spike-guard
+    record. ``False`` (spike-guard rollback): weights, optimizer, loss scale, step and the
+    best-checkpoint record only — the data stream goes on past the batches that caused the
+    trouble (the engine deletes the checkpoints newer than the target).
     Hyper-parameters of the param groups (``base_lr``, weight decay, betas) keep their values
     from the current config, so a resumed run may change them.
     """
@@ -245,10 +267,10 @@ def load_training_checkpoint(trainer: Any, path: Path, restore_data: bool) -> No
         trainer.scaler.load_state_dict(ts["grad_scaler"])
     trainer.step = int(ts["step"])
     trainer.tokens_seen = int(ts["tokens_seen"])
+    trainer.ckpt.load_state_dict(ts["checkpoints"])  # a rollback discards the newer checkpoints
     if not restore_data:
         return
     trainer.guard.load_state_dict(ts["spike_guard"])
-    trainer.ckpt.load_state_dict(ts["checkpoints"])
     ranks, rank = ts["ranks"], trainer.dist.rank
     if len(ranks) != trainer.dist.world_size:
         logger.warning("checkpoint was saved by %d ranks, now %d: random streams restart from rank 0's "

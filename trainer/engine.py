@@ -307,6 +307,11 @@ class Trainer:
         self.guard.on_rollback()
         logger.warning("rolled back to %s (step %d); data continues past the bad batches; LR scale now %g",
                        target.name, self.step, self.guard.lr_scale)
+        for stale in self.ckpt.discard_after(self.step):  # the diverging stretch: never resume from it
+            logger.warning("deleted %s, saved after the rollback target", stale.name)
+        # supersede the target with the run's state now (same weights, lowered LR scale, data
+        # position past the bad batches): what `--resume auto` must continue from
+        self.save()
         if self.metrics is not None:
             self.metrics.reset_bar(self.step)
 
