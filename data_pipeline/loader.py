@@ -9,7 +9,8 @@ scheme, so the trainer drives them the same way:
 * Global batch semantics: each step consumes one global batch of `batch_size * world_size`
   consecutive units; rank r takes units [r*batch_size, (r+1)*batch_size) of it. Ranks therefore
   see disjoint data, and every rank has the same number of steps per epoch (the incomplete
-  last global batch is dropped). With gradient accumulation every micro-step is one such step.
+  last global batch is dropped; an epoch smaller than one global batch is passed over whole).
+  With gradient accumulation every micro-step is one such step.
 * `next(loader)` / `iter(loader)` run forever, epoch after epoch. `state_dict()` is the position
   (epoch, step) plus a fingerprint of what defines the order; `load_state_dict()` restores it,
   so a resumed run sees exactly the batches the uninterrupted run would have seen, even with
@@ -34,6 +35,7 @@ from data_pipeline.formats import TokenBin
 from utils.errors import UserError
 
 IGNORE_INDEX = -100  # labels that take no part in the loss (torch cross_entropy's ignore_index)
+MAX_EMPTY_EPOCHS = 100  # consecutive epochs too small for one global batch before giving up
 
 
 class ShardedLoader(ABC):
@@ -89,17 +91,26 @@ class ShardedLoader(ABC):
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        steps = self.steps_per_epoch()
-        if steps == 0:
-            raise UserError(f"{type(self).__name__}: an epoch holds {len(self._epoch_plan(self.epoch))} "
-                            f"units, fewer than one global batch of {self.global_batch_size} "
-                            f"(batch_size {self.batch_size} x world_size {self.world_size})")
-        if self.step >= steps:
+        return self._batch(self._advance())
+
+    def _advance(self) -> np.ndarray:
+        """Move to the next step (into the next epoch when this one is done) and return this
+        rank's units of it. The step count is always that of the epoch the units come from:
+        epochs differ in size (random window offsets, re-packing), and one holding less than a
+        global batch is passed over whole (its units are the dropped remainder), so every
+        rank takes the same steps and every batch is full."""
+        empty = 0  # epochs passed over in a row
+        while self.step >= self.steps_per_epoch():
+            if self.steps_per_epoch() == 0:
+                empty += 1
+                if not self.shuffle or empty >= MAX_EMPTY_EPOCHS:  # unshuffled epochs never change
+                    raise UserError(f"{type(self).__name__}: an epoch holds {len(self._epoch_plan(self.epoch))} "
+                                    f"units, fewer than one global batch of {self.global_batch_size} "
+                                    f"(batch_size {self.batch_size} x world_size {self.world_size})")
             self.epoch, self.step = self.epoch + 1, 0
         start = self.step * self.global_batch_size + self.rank * self.batch_size
-        units = self._epoch_plan(self.epoch)[start:start + self.batch_size]
         self.step += 1
-        return self._batch(units)
+        return self._epoch_plan(self.epoch)[start:start + self.batch_size]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-friendly position: the next batch is step `step` of epoch `epoch`."""

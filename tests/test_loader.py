@@ -7,7 +7,7 @@ import torch
 
 from data_pipeline.chat_loaders import PreferenceLoader, SFTLoader, pack_greedy, sample_labels
 from data_pipeline.formats import TokenBinWriter
-from data_pipeline.loader import PretrainLoader, document_ids_and_positions
+from data_pipeline.loader import PretrainLoader, ShardedLoader, document_ids_and_positions
 from utils.errors import UserError
 
 EOS, PAD = 0, 1
@@ -212,3 +212,57 @@ def test_preference_batch(tmp_path):
         PreferenceLoader(base, batch_size=1, seq_len=6)
     with pytest.raises(UserError, match="fewer than one global batch"):
         next(PreferenceLoader(base, batch_size=2, world_size=2))
+
+
+class _SizedEpochs(ShardedLoader):
+    """Epoch e holds SIZES[e % len(SIZES)] units numbered 100 * e + i: plans of varying size."""
+
+    SIZES = (4, 1, 3, 0, 5)
+
+    def _plan(self, epoch: int) -> np.ndarray:
+        return 100 * epoch + np.arange(self.SIZES[epoch % len(self.SIZES)])
+
+    def _batch(self, units: np.ndarray) -> dict[str, torch.Tensor]:
+        return {"units": torch.from_numpy(np.stack(units))}
+
+    def _fingerprint(self) -> dict:
+        return self._base_fingerprint()
+
+
+def test_epoch_wrap_uses_the_new_epochs_step_count():
+    """Global batch 2 (2 ranks x 1): epoch 0 has 2 steps, epoch 1 (1 unit) none, epoch 2 one
+    (its 3rd unit dropped), epoch 3 none, epoch 4 two. Every rank takes the same steps and every
+    batch is full (issue 14, defect 2: the old wrap sliced epoch 1 by epoch 0's count)."""
+    ranks = [_SizedEpochs(batch_size=1, rank=r, world_size=2, seed=0, shuffle=True) for r in range(2)]
+    seen = [[int(next(ld)["units"].item()) for _ in range(7)] for ld in ranks]
+    assert seen[0] == [0, 2, 200, 400, 402, 500, 502]
+    assert seen[1] == [1, 3, 201, 401, 403, 501, 503]
+    resumed = _SizedEpochs(batch_size=1, rank=1, world_size=2, seed=0, shuffle=True)
+    probe = _SizedEpochs(batch_size=1, rank=1, world_size=2, seed=0, shuffle=True)
+    _take(probe, 2)
+    resumed.load_state_dict(probe.state_dict())  # saved at the end of epoch 0
+    assert [int(next(resumed)["units"].item()) for _ in range(2)] == [201, 401]
+
+
+def test_pretrain_epochs_of_varying_window_counts(tmp_path):
+    """19 tokens, seq_len 8: an epoch's random offset in [0, 8) gives 2 windows (offset <= 2)
+    or 1. With a global batch of 2 the 1-window epochs are passed over, never half-filled."""
+    base = tmp_path / "small"
+    w = TokenBinWriter(base, "uint16", with_offsets=False)
+    w.extend(np.arange(2, 21), num_items=1)
+    w.close(kind="pretrain", **META)
+    ranks = [PretrainLoader(base, seq_len=8, batch_size=1, rank=r, world_size=2, seed=0) for r in range(2)]
+    sizes = {len(ranks[0]._epoch_plan(e)) for e in range(20)}
+    assert sizes == {1, 2}  # the data really has epochs of both sizes
+    for _ in range(12):
+        a, b = next(ranks[0]), next(ranks[1])
+        assert a["input_ids"].shape == b["input_ids"].shape == (1, 8)
+        assert not torch.equal(a["input_ids"], b["input_ids"])
+        assert (ranks[0].epoch, ranks[0].step) == (ranks[1].epoch, ranks[1].step)
+
+
+def test_unshuffled_epoch_too_small_is_a_clear_error(pretrain_bin):
+    base, _ = pretrain_bin
+    ld = PretrainLoader(base, seq_len=100, batch_size=11, shuffle=False)
+    with pytest.raises(UserError, match="fewer than one global batch"):
+        next(ld)
