@@ -1,4 +1,9 @@
-"""Applying the one chat template (ChatML, `formats.CHAT_TEMPLATE`) to token ids + loss masks.
+"""The one chat-template module: conversations as token ids, for our ChatML and imported templates.
+
+Models trained here use ChatML (`formats.CHAT_TEMPLATE`), applied directly as token ids + loss
+masks (below). A model imported from Hugging Face keeps its own Jinja template: `ChatFormat`
+reads it from the tokenizer directory and renders it like ``transformers``' `apply_chat_template`
+(`render_chat_template`), so the prompt ids equal ``AutoTokenizer.apply_chat_template``'s.
 
 A conversation is an OpenAI-style list of messages `{"role", "content"}`. Each message becomes
 one *turn* of tokens, exactly the text the template renders:
@@ -16,15 +21,30 @@ starting with whitespace) both ways give the same ids.
 Loss mask (what SFT learns, as in InstructGPT-style supervised fine-tuning): the assistant's
 content tokens and its closing <|im_end|> are targets (1); everything else — system and user
 turns, the assistant header, the "\\n" after <|im_end|> — is context (0).
+
+An imported template is rendered as transformers does: a sandboxed Jinja environment
+(``ImmutableSandboxedEnvironment``, trim_blocks, lstrip_blocks, loop controls) with
+``raise_exception``, ``strftime_now`` and a ``tojson`` that does not escape HTML; the variables are
+``messages``, ``add_generation_prompt``, ``tools`` / ``documents`` (None) and the named special
+tokens (``bos_token``, ``eos_token``, ...). The text is then encoded with special tokens parsed
+and none added (the template writes the BOS itself: never two). A template that refuses a
+conversation (``raise_exception``, e.g. roles that do not alternate) is a ValueError.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Optional
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Optional
 
+import jinja2
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from data_pipeline.formats import EOS_TOKEN, IM_END, IM_START, PAD_TOKEN
+from data_pipeline.formats import CHAT_TEMPLATE, EOS_TOKEN, IM_END, IM_START, PAD_TOKEN
 from utils.errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -180,3 +200,148 @@ def encode_prompt(ct: ChatTokenizer, messages: list[Message]) -> list[int]:
 def encode_response(ct: ChatTokenizer, content: str) -> list[int]:
     """Assistant reply ids closed by <|im_end|> (what follows `encode_prompt`)."""
     return ct.encode(content) + [ct.im_end_id]
+
+
+# ---------------------------------------------------------------------------- a model's own Jinja template
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: Any) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def read_chat_template(tokenizer_dir: Path) -> tuple[Optional[str], dict[str, str]]:
+    """(chat template or None, named special tokens' texts) of a tokenizer directory, as transformers
+    reads them: ``chat_template.jinja`` over tokenizer_config.json's ``chat_template`` (a string, or a
+    list of named templates of which "default" is used); special tokens from tokenizer_config.json,
+    else special_tokens_map.json."""
+    config = _read_json(tokenizer_dir / TOKENIZER_CONFIG_FILE)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    jinja_file = tokenizer_dir / CHAT_TEMPLATE_FILE
+    if jinja_file.is_file():
+        template = jinja_file.read_text(encoding="utf-8")
+    tokens_map = _read_json(tokenizer_dir / SPECIAL_TOKENS_MAP_FILE)
+    special = {}
+    for name in NAMED_SPECIAL_TOKENS:
+        text = _token_text(config.get(name)) if name in config else _token_text(tokens_map.get(name))
+        if text is not None:
+            special[name] = text
+    return (template if isinstance(template, str) else None), special
+
+
+class _GenerationTag(Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it): its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: Optional[int] = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+@lru_cache(maxsize=16)
+def compile_chat_template(source: str) -> jinja2.Template:
+    """The template compiled in transformers' sandboxed environment (UserError if it does not compile)."""
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"the chat template does not compile (line {e.lineno}: {e.message})") from None
+
+
+def render_chat_template(source: str, messages: list[Message], add_generation_prompt: bool = True,
+                         **variables: Any) -> str:
+    """The text of `messages` in a Jinja chat template; ``variables``: the special tokens and any
+    template options (e.g. Qwen3's ``enable_thinking``). A template that refuses the conversation
+    (or fails on it) is a ValueError with its message."""
+    template = compile_chat_template(source)
+    try:
+        return template.render(messages=messages, tools=None, documents=None,
+                               add_generation_prompt=add_generation_prompt, **variables)
+    except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        raise ValueError(f"the chat template refused the conversation: {e}") from None
+
+
+def _check_shape(messages: list[Message]) -> None:
+    """ValueError unless a non-empty list of {"role": str, "content": str} (the template judges the rest)."""
+    if not messages:
+        raise ValueError("no messages")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} must be {{'role': str, 'content': str}}")
+
+
+class ChatFormat:
+    """How one model's conversations become prompt ids: ChatML by token id for models trained here
+    (their tokenizer has the ChatML tokens and no other template), else the model's own Jinja
+    template. ``stop_token_ids``: what ends an assistant turn besides the model's eos ids."""
+
+    def __init__(self, tokenizer_file: Path) -> None:
+        self.tokenizer_dir = tokenizer_file.parent
+        self.template, self.special_tokens = read_chat_template(self.tokenizer_dir)
+        tok = Tokenizer.from_file(str(tokenizer_file))
+        has_chatml = all(tok.token_to_id(t) is not None for t in (EOS_TOKEN, PAD_TOKEN, IM_START, IM_END))
+        self.chatml: Optional[ChatTokenizer] = None
+        if has_chatml and self.template in (None, CHAT_TEMPLATE):
+            self.chatml = ChatTokenizer.wrap(tok)
+        self._tok = tok
+
+    @property
+    def kind(self) -> str:
+        """"chatml" (ours, by token id), "jinja" (the model's template) or "none" (no template)."""
+        return "chatml" if self.chatml is not None else "jinja" if self.template is not None else "none"
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        return [self.chatml.im_end_id] if self.chatml is not None else []
+
+    def _template(self) -> str:
+        if self.template is None:
+            raise UserError(f"{self.tokenizer_dir} has no chat template (no chat_template in {TOKENIZER_CONFIG_FILE}, "
+                            f"no {CHAT_TEMPLATE_FILE}) and no ChatML tokens: it can only complete text")
+        return self.template
+
+    def render(self, messages: list[Message], add_generation_prompt: bool = True, **variables: Any) -> str:
+        """The prompt as text (for ChatML: exactly what the ids spell)."""
+        _check_shape(messages)
+        source = CHAT_TEMPLATE if self.chatml is not None else self._template()
+        return render_chat_template(source, messages, add_generation_prompt, **{**self.special_tokens, **variables})
+
+    def encode_prompt(self, messages: list[Message], **variables: Any) -> list[int]:
+        """Prompt ids ending with the assistant's generation header; ``variables`` go to a Jinja template."""
+        _check_shape(messages)
+        if self.chatml is not None:
+            return encode_prompt(self.chatml, messages)
+        return self._tok.encode(self.render(messages, True, **variables), add_special_tokens=False).ids
