@@ -25,6 +25,8 @@ Batches are dicts of int64 CPU tensors (moving them to the device is the trainer
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -127,6 +129,71 @@ class ShardedLoader(ABC):
     def _base_fingerprint(self) -> dict[str, Any]:
         return {"loader": type(self).__name__, "seed": self.seed, "shuffle": self.shuffle,
                 "global_batch_size": self.global_batch_size}
+
+
+class Prefetcher:
+    """Builds a `ShardedLoader`'s next batches in background threads (``data.num_workers``).
+
+    The caller's thread still decides every position (`ShardedLoader._advance`, cheap), in
+    order; `num_workers` threads run the expensive part, ``_batch(units)`` (memory-mapped reads,
+    packing, document ids), keeping ``2 * num_workers`` batches in flight (PyTorch's default
+    ``prefetch_factor``). Batches come out in order and are exactly the loader's own.
+    `state_dict()` is the position after the last batch *handed out*, not after the last one
+    built, so a checkpoint resumes exactly; `load_state_dict()` drops what was built ahead.
+    Threads, not processes: ``_batch`` is numpy work that mostly releases the GIL, and the
+    loader (a memory map) needs no pickling or shared memory. Other attributes are the loader's.
+    """
+
+    def __init__(self, loader: ShardedLoader, num_workers: int) -> None:
+        if num_workers < 1:
+            raise ValueError(f"a Prefetcher needs num_workers >= 1, got {num_workers}")
+        self.loader = loader
+        self.depth = 2 * num_workers
+        self._pool = ThreadPoolExecutor(num_workers, thread_name_prefix="prefetch")
+        self._pending: deque[tuple[Future, dict[str, Any]]] = deque()  # (batch, loader state after it)
+        self._state = loader.state_dict()
+
+    def __getattr__(self, name: str) -> Any:  # only called for names not found on the Prefetcher
+        loader = self.__dict__.get("loader")
+        if loader is None:
+            raise AttributeError(name)
+        return getattr(loader, name)
+
+    def __iter__(self) -> "Prefetcher":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        self._fill()
+        future, self._state = self._pending.popleft()
+        self._fill()  # keep `depth` batches building while the caller trains on this one
+        return future.result()
+
+    def _fill(self) -> None:
+        while len(self._pending) < self.depth:
+            units = self.loader._advance()
+            self._pending.append((self._pool.submit(self.loader._batch, units), self.loader.state_dict()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+        for future, _ in self._pending:
+            future.cancel()  # a batch already building just finishes unused
+        self._pending.clear()
+        self._state = self.loader.state_dict()
+
+    def close(self) -> None:
+        """Stop the threads (pending batches are dropped)."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pending.clear()
+
+
+def prefetching(data: Any, num_workers: int) -> Any:
+    """`data` behind a `Prefetcher` when it is a `ShardedLoader` and `num_workers` > 0, else as is."""
+    if num_workers > 0 and isinstance(data, ShardedLoader):
+        return Prefetcher(data, num_workers)
+    return data
 
 
 class PretrainLoader(ShardedLoader):

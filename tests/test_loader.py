@@ -7,7 +7,7 @@ import torch
 
 from data_pipeline.chat_loaders import PreferenceLoader, SFTLoader, pack_greedy, sample_labels
 from data_pipeline.formats import TokenBinWriter
-from data_pipeline.loader import PretrainLoader, ShardedLoader, document_ids_and_positions
+from data_pipeline.loader import Prefetcher, PretrainLoader, ShardedLoader, document_ids_and_positions, prefetching
 from utils.errors import UserError
 
 EOS, PAD = 0, 1
@@ -266,3 +266,36 @@ def test_unshuffled_epoch_too_small_is_a_clear_error(pretrain_bin):
     ld = PretrainLoader(base, seq_len=100, batch_size=11, shuffle=False)
     with pytest.raises(UserError, match="fewer than one global batch"):
         next(ld)
+
+
+def test_prefetcher_is_the_loader_with_exact_state(pretrain_bin):
+    """data.num_workers (issue 14, defect 7): batches built ahead in threads are the loader's own,
+    in order, and the state is the position after the last batch handed out, across epochs."""
+    base, _ = pretrain_bin
+    plain = PretrainLoader(base, seq_len=16, batch_size=4, seed=5, doc_masking=True)
+    ahead = Prefetcher(PretrainLoader(base, seq_len=16, batch_size=4, seed=5, doc_masking=True), num_workers=2)
+    try:
+        for _ in range(40):  # 15 steps an epoch: crosses two epoch boundaries
+            assert _same([next(ahead)], [next(plain)])
+            assert ahead.state_dict() == plain.state_dict()
+        assert ahead.loader.step != plain.step  # it really is ahead
+        assert ahead.steps_per_epoch() == plain.steps_per_epoch()  # other attributes are the loader's
+        saved = plain.state_dict()
+        _take(ahead, 3)
+        ahead.load_state_dict(saved)  # what was built ahead is dropped
+        resumed = PretrainLoader(base, seq_len=16, batch_size=4, seed=5, doc_masking=True)
+        resumed.load_state_dict(saved)
+        assert _same(_take(ahead, 20), _take(resumed, 20))
+    finally:
+        ahead.close()
+
+
+def test_prefetching_wraps_only_token_bin_loaders(pretrain_bin):
+    base, _ = pretrain_bin
+    ld = PretrainLoader(base, seq_len=16, batch_size=4)
+    assert prefetching(ld, 0) is ld
+    other = iter([{"x": torch.zeros(1)}])
+    assert prefetching(other, 2) is other
+    wrapped = prefetching(ld, 1)
+    assert isinstance(wrapped, Prefetcher) and wrapped.loader is ld
+    wrapped.close()

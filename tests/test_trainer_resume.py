@@ -156,3 +156,28 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(data_dir: Path, tmp_
         assert step == int(latest.name[5:]) and step > last_step  # progress kept across kills
         assert set(ckpt.state_dict) and ckpt.training_state["optimizer"]["state"]
         last_step = step
+
+
+def test_resume_is_exact_with_prefetching_workers(data_dir: Path, tmp_path: Path) -> None:
+    """data.num_workers=2 (batches built ahead in threads, issue 14 defect 7): a run stopped and
+    resumed gives the losses of a straight run without prefetching, bit for bit — the saved data
+    position is the batches trained on, not the batches built."""
+    n = 5
+    common = dict(training={"max_steps": 2 * n, "eval_interval": 100, "warmup_steps": 2},
+                  checkpointing={"save_interval": 100})
+    pretrain.train(tiny_config(data_dir, tmp_path / "runs", run_name="plain", **common))
+    ahead = dict(common, data={"num_workers": 2})
+    pretrain.train(tiny_config(data_dir, tmp_path / "runs", run_name="ahead", **ahead), stop_at=n)
+    pretrain.train(tiny_config(data_dir, tmp_path / "runs", run_name="ahead", **ahead), resume="auto")
+    a, b = _losses(tmp_path / "runs/pretrain/plain"), _losses(tmp_path / "runs/pretrain/ahead")
+    assert sorted(a) == sorted(b) == list(range(1, 2 * n + 1))
+    assert [a[s] for s in a] == [b[s] for s in a]
+
+    from data_pipeline.loader import Prefetcher
+    from trainer_fixtures import make_trainer
+
+    cfg = tiny_config(data_dir, tmp_path / "runs", run_name="probe", **ahead)
+    train_data, _, _ = pretrain.build_loaders(cfg, 0, 1, None)
+    trainer = make_trainer(cfg, build_model(cfg.model), train_data, tmp_path)
+    assert isinstance(trainer.train_data, Prefetcher) and trainer.train_data.loader is train_data
+    trainer.train_data.close()

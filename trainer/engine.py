@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
+from data_pipeline.loader import prefetching
 from model.moe import moe_load_stats, moe_modules, update_moe_biases
 from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, wrap_model
@@ -57,7 +58,9 @@ class Trainer:
         model: the plain model, on ``dist.device``, identically initialised on every rank.
         loss_fn: ``(model, batch) -> LossOutput`` (sum of per-target losses + their count).
         train_data: an endless iterator of batches (dicts of CPU tensors) with
-            ``state_dict()`` / ``load_state_dict()`` for exact resume.
+            ``state_dict()`` / ``load_state_dict()`` for exact resume. A token-bin loader
+            (`data_pipeline.loader.ShardedLoader`) builds its batches ahead in
+            ``data.num_workers`` background threads (`data_pipeline.loader.Prefetcher`).
         run: the run directory (checkpoints, metrics.jsonl, config.yaml).
         dist: this process's rank / world size / device.
         stage: recorded in checkpoint metadata ("pretrain", "sft", ...).
@@ -87,7 +90,10 @@ class Trainer:
                  validate_first: bool = False) -> None:
         self.cfg, self.tcfg = cfg, cfg.training
         self.loss_fn, self.count_fn = loss_fn, count_fn
-        self.train_data, self.val_data = train_data, val_data
+        self.train_data, self.val_data = prefetching(train_data, cfg.data.num_workers), val_data
+        if cfg.data.num_workers and self.train_data is train_data:
+            logger.warning("data.num_workers=%d is ignored: this stage's training data (%s) is not a token-bin "
+                           "loader and is produced step by step", cfg.data.num_workers, type(train_data).__name__)
         self.run, self.dist, self.stage = run, dist, stage
         self.device = dist.device
         self.dtype = pick_dtype(self.tcfg.dtype, self.device)

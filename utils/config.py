@@ -53,7 +53,7 @@ class DataConfig(Section):
     train_bin: Optional[RepoPath] = None  # None → <data_dir>/pretrain/train.bin
     val_bin: Optional[RepoPath] = None  # None → <data_dir>/pretrain/val.bin
     seq_len: Optional[PositiveInt] = None  # None → model.max_seq_len
-    num_workers: NonNegativeInt = 0
+    num_workers: NonNegativeInt = 0  # threads building training batches ahead (loader.Prefetcher); 0: in the loop
     doc_masking: bool = False  # pretraining: no attention across EOS-separated documents (Llama 3)
 
     def tokenizer_path(self) -> Path:
@@ -111,6 +111,9 @@ class TrainingConfig(Section):
 class LoggingConfig(Section):
     runs_dir: RepoPath = Path("runs")
     run_name: str = Field("{timestamp}", min_length=1)
+    # the whole run directory, instead of <runs_dir>/<stage>/<run_name> (the recipes' stable paths,
+    # e.g. runs/classic/deepseek/v3_nano/0_pretrain)
+    run_dir: Optional[RepoPath] = None
     log_interval: PositiveInt = 10
     sample_interval: NonNegativeInt = 0  # 0 disables sample generations
     sample_prompt: str = "Once upon a time"
@@ -128,10 +131,33 @@ class CheckpointingConfig(Section):
     init_from: Optional[RepoPath] = None  # start from these weights (a checkpoint directory)
 
 
+class RecipeNeed(Section):
+    path: RepoPath  # what an earlier stage writes, e.g. runs/classic/.../1_sft_qlora/checkpoints/final
+    run: str = Field(min_length=1)  # the command that writes it
+
+
+class RecipeSection(Section):
+    """Where a stage config sits in a recipe (`utils/setup_classic_models.py` writes it): the
+    stage's name and what earlier stages must have written, each with the command that writes it."""
+
+    name: str = Field(min_length=1)  # e.g. deepseek/v3_nano
+    stage: str = Field(min_length=1)  # e.g. 3_rlhf_grpo
+    needs: list[RecipeNeed] = Field(default_factory=list)
+
+
+def check_recipe_needs(recipe: Optional[RecipeSection]) -> None:
+    """A stage run before the one it continues from: one line naming the exact command to run."""
+    for need in recipe.needs if recipe is not None else []:
+        if not need.path.exists():
+            raise UserError(f"{recipe.name} {recipe.stage} continues from {need.path}, which does not exist yet: "
+                            f"run `{need.run}` first")
+
+
 class ExperimentConfig(Section):
     """The root config of a pretraining run. Stage scripts extend it with their own sections."""
 
     stage: str = "pretrain"
+    recipe: Optional[RecipeSection] = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -205,7 +231,9 @@ def load_config(path: Optional[str | Path], schema: type[C] = ExperimentConfig, 
     """YAML file (or defaults when `path` is None) + overrides → validated `schema` instance."""
     data = read_yaml(find_config_file(path)) if path else {}
     data = apply_overrides(data, overrides or [])
-    return validate(data, schema)
+    cfg = validate(data, schema)
+    check_recipe_needs(getattr(cfg, "recipe", None))  # a recipe stage run before the one it continues from
+    return cfg
 
 
 def find_config_file(path: str | Path) -> Path:
