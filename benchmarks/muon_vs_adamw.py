@@ -12,7 +12,8 @@ The schedule is linear warmup then constant (``lr_schedule=constant``), so "the 
 the validation loss first reaches L" is a property of one trajectory, not of where a decay
 ends. Target L = the worse of the two best runs' final validation losses; each optimizer's
 steps to reach it are read off its validation curve (linear interpolation between
-evaluations). ``ratio`` = AdamW steps / Muon steps (modded-nanogpt reports ≈ 1.35 for GPT-2
+evaluations). A run whose training loss goes non-finite is marked diverged (``diverged_at_step``,
+its final loss reported as null) and never chosen as the best. ``ratio`` = AdamW steps / Muon steps (modded-nanogpt reports ≈ 1.35 for GPT-2
 small speedruns; a tiny model on a CPU budget is a much rougher measurement).
 
     python benchmarks/muon_vs_adamw.py [--quick] [--steps 250] [--threads N] [--device auto] [--out results.json]
@@ -93,11 +94,13 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, device, dtype) -> float:
 
 def train_run(cfg: ModelConfig, init: dict, tcfg: TrainingConfig, batches: list[torch.Tensor], val: torch.Tensor,
               eval_every: int, device, dtype) -> dict:
-    """One run from the shared initial weights; returns its validation curve."""
+    """One run from the shared initial weights; returns its validation curve. A run whose
+    training loss goes non-finite stops there and is marked ``diverged_at`` (that step)."""
     model = build_model(cfg, device)
     model.load_state_dict(init)
     opt = build_optimizer(model, tcfg)
     curve = [(0, evaluate(model, val, device, dtype))]
+    diverged_at: Optional[int] = None
     t0 = time.perf_counter()
     for step, batch in enumerate(batches):
         set_lr(opt, lr_multiplier(step, tcfg))
@@ -105,15 +108,37 @@ def train_run(cfg: ModelConfig, init: dict, tcfg: TrainingConfig, batches: list[
         with autocast_context(device, dtype):
             logits = model(batch[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        if not math.isfinite(loss.item()):
+            diverged_at = step + 1
+            break
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if not math.isfinite(loss.item()):
-            break
         if (step + 1) % eval_every == 0 or step + 1 == len(batches):
             curve.append((step + 1, evaluate(model, val, device, dtype)))
-    return {"curve": curve, "final_val_loss": curve[-1][1], "seconds": time.perf_counter() - t0}
+    return {"curve": curve, "final_val_loss": curve[-1][1], "diverged_at": diverged_at,
+            "seconds": time.perf_counter() - t0}
+
+
+def diverged(run: dict) -> bool:
+    """Whether a run diverged: its training loss went non-finite (it stopped early, so its last
+    validation loss is from before the blow-up and means nothing) or its last validation loss
+    is not finite."""
+    return run.get("diverged_at") is not None or not math.isfinite(run["final_val_loss"])
+
+
+def best_lr(runs: dict[float, dict], name: str) -> float:
+    """The learning rate of the lowest final validation loss among the runs that did not diverge."""
+    healthy = {lr: r for lr, r in runs.items() if not diverged(r)}
+    if not healthy:
+        raise RuntimeError(f"every {name} run diverged")
+    return min(healthy, key=lambda lr: healthy[lr]["final_val_loss"])
+
+
+def final_losses(runs: dict[str, dict]) -> dict[str, Optional[float]]:
+    """Final validation loss per learning rate for the report; None for a diverged run."""
+    return {lr: None if diverged(r) else r["final_val_loss"] for lr, r in runs.items()}
 
 
 def steps_to_reach(curve: list[tuple[int, float]], target: float) -> Optional[float]:
@@ -130,11 +155,7 @@ def sweep(name: str, lrs: list[float], make_tcfg, cfg, init, batches, val, eval_
     runs = {}
     for lr in lrs:
         runs[lr] = train_run(cfg, init, make_tcfg(lr), batches, val, eval_every, device, dtype)
-    finite = {lr: r for lr, r in runs.items() if math.isfinite(r["final_val_loss"])}
-    if not finite:
-        raise RuntimeError(f"every {name} run diverged")
-    best = min(finite, key=lambda lr: finite[lr]["final_val_loss"])
-    return {"best_lr": best, "runs": {str(lr): r for lr, r in runs.items()}}
+    return {"best_lr": best_lr(runs, name), "runs": {str(lr): r for lr, r in runs.items()}}
 
 
 def main() -> None:
@@ -194,10 +215,11 @@ def main() -> None:
         "quick": args.quick, "steps_per_run": steps, "tokens_per_step": batch_size * seq_len,
         "model": {"vocab_size": vocab, "dim": cfg.dim, "n_layers": cfg.n_layers, "seq_len": seq_len},
         "data": {"train_tokens": len(train_ids), "val_tokens_used": int(val.numel())},
-        "adamw": {"best_lr": adamw["best_lr"],
-                  "final_val_loss": {lr: r["final_val_loss"] for lr, r in adamw["runs"].items()}},
+        "adamw": {"best_lr": adamw["best_lr"], "final_val_loss": final_losses(adamw["runs"]),
+                  "diverged_at_step": {lr: r["diverged_at"] for lr, r in adamw["runs"].items() if diverged(r)}},
         "muon": {"best_muon_lr": muon["best_lr"], "adamw_lr_for_embeddings_head_norms": adamw["best_lr"],
-                 "final_val_loss": {lr: r["final_val_loss"] for lr, r in muon["runs"].items()}},
+                 "final_val_loss": final_losses(muon["runs"]),
+                 "diverged_at_step": {lr: r["diverged_at"] for lr, r in muon["runs"].items() if diverged(r)}},
         "target_val_loss": target,
         "steps_to_target": {"adamw": steps_a, "muon": steps_m},
         "ratio_adamw_over_muon_steps": (steps_a / steps_m) if steps_a and steps_m else None,
