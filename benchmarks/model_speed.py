@@ -5,9 +5,10 @@ Both models hold the same weights (a random Hugging Face Llama imported through
 forward, cross-entropy on the logits, backward. Measurements are interleaved (one step of
 each model in turn, repeated) so background load hits all of them alike; medians are
 reported, and the speedup is the median over rounds of t_hf / t_ours (> 1: ours is faster).
-``torch.compile`` of our model is timed too (skipped with a warning where it fails). A large
-fp32 matmul timed in the same rounds gives the machine's attainable FLOP/s, and each model's
-achieved fraction of it uses `model.flops_per_token` (6 N + attention).
+``torch.compile`` of our model is timed too (skipped with a warning where it fails). Each
+model's ``mfu`` uses `model.flops_per_token` (6 N + attention) over the trainer's one peak
+definition (`trainer.metrics.peak_flops`; on a CPU, a measured fp32 matmul), named in
+``mfu_peak_source``.
 
     python benchmarks/model_speed.py                 # configs A and B, eager + compiled
     python benchmarks/model_speed.py --configs A --compile off --iters 3
@@ -34,21 +35,13 @@ import torch.nn.functional as F  # noqa: E402
 
 from model import build_model, flops_per_token  # noqa: E402
 from model.hf import load_hf_dir  # noqa: E402
+from trainer.metrics import mfu, peak_flops  # noqa: E402
 
 # name: (vocab, dim, layers, heads, kv heads, ffn hidden, seq len, batch)
 CONFIGS = {
     "A": (4096, 256, 4, 8, 4, 688, 256, 8),
     "B": (8192, 512, 8, 8, 8, 1376, 512, 4),
 }
-
-
-MATMUL_N = 2048
-
-
-def matmul_step() -> Callable[[], None]:
-    """One (n, n) @ (n, n) fp32 matmul (2 n^3 FLOPs): the machine's attainable FLOP/s."""
-    a, b = torch.randn(MATMUL_N, MATMUL_N), torch.randn(MATMUL_N, MATMUL_N)
-    return lambda: a @ b
 
 
 def hf_and_ours(name: str, tmp: Path):
@@ -99,7 +92,7 @@ def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: in
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=g)
     targets = torch.randint(0, vocab, (batch, seq_len), generator=g)
-    steps: dict[str, Callable[[], None]] = {"matmul": matmul_step()}
+    steps: dict[str, Callable[[], None]] = {}
     if compile_mode in ("off", "both"):
         steps["ours"] = lambda: train_step(ours, tokens, targets, hf=False)
     steps["hf_sdpa"] = lambda: train_step(hf, tokens, targets, hf=True)
@@ -118,12 +111,10 @@ def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: in
 
     tokens_per_step = batch * seq_len
     fpt = flops_per_token(cfg, seq_len)
-    matmul_times = times.pop("matmul")
-    peak = 2 * MATMUL_N**3 / statistics.median(matmul_times)
+    peak, _ = peak_flops(torch.device("cpu"), torch.float32)
     result: dict = {
         "shape": dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "seq_len", "batch"), CONFIGS[name])),
         "flops_per_token": fpt,
-        "matmul_gflops_median": round(peak / 1e9, 1),
     }
     for key, ts in times.items():
         tps = tokens_per_step / statistics.median(ts)
@@ -131,7 +122,7 @@ def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: in
             "step_s_median": round(statistics.median(ts), 4),
             "step_s_all": [round(t, 4) for t in ts],
             "tokens_per_s": round(tps, 1),
-            "flops_fraction_of_matmul": round(tps * fpt / peak, 3),
+            "mfu": round(mfu(fpt, tps, peak), 3),
         }
     for key in ("ours", "ours_compiled"):
         if key in times:
@@ -164,6 +155,7 @@ def main() -> None:
         "transformers": transformers.__version__,
         "threads": torch.get_num_threads(),
         "device": "cpu",
+        "mfu_peak_source": peak_flops(torch.device("cpu"), torch.float32)[1],
         "configs": {},
     }
     with tempfile.TemporaryDirectory() as tmp:

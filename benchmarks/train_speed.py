@@ -7,8 +7,9 @@ Hugging Face runs with ``attn_implementation="sdpa"``. Both run eager and under
 `torch.compile` (which falls back to eager with a warning where it fails).
 
 MFU = achieved model FLOPs / peak, with the model FLOPs from `model.flops_per_token`
-(6 N + attention, Kaplan et al. 2020 / PaLM appendix B) and the peak measured in this run as
-a large matmul in the compute dtype (fp32 on CPU), so the figure is honest on any machine.
+(6 N + attention, Kaplan et al. 2020 / PaLM appendix B) and the peak of the trainer's one
+definition (`trainer.metrics.peak_flops`: the datasheet for a known GPU in bf16/fp16, else a
+measured large matmul in the compute dtype), named in ``mfu_peak_source``.
 
 Configs (the `bench-A` / `bench-B` presets):
     A: vocab 4096, dim 256, 4 layers, 8 heads, 4 kv heads, ffn 688, seq 256, batch 8
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from model import build_model, flops_per_token, get_preset
 from model.config import ModelConfig
 from model.hf import config_to_hf, state_dict_to_hf
+from trainer.metrics import mfu, peak_flops
 from trainer.optim import build_optimizer
 from utils.config import TrainingConfig
 from utils.device import autocast_context, pick_device, pick_dtype
@@ -48,22 +50,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def peak_matmul_flops(device: torch.device, dtype: torch.dtype, n: int, iters: int, trials: int = 3) -> float:
-    """FLOP/s of an n × n matmul in `dtype`, the best of `trials`: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    sync(device)
-    best = 0.0
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            a @ b
-        sync(device)
-        best = max(best, 2 * n**3 * iters / (time.perf_counter() - t0))
-    return best
 
 
 def hf_twin(cfg: ModelConfig, ours: nn.Module, device: torch.device) -> nn.Module:
@@ -178,21 +164,18 @@ def main() -> None:
     warmup, iters = (1, 3) if args.quick else (3, 10)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    big, reps = (8192, 10) if device.type == "cuda" else (2048, 2)
-    peak = peak_matmul_flops(device, dtype, big, reps)
+    peak, peak_source = peak_flops(device, dtype)
     results = {c: bench_config(c, modes, device, dtype, warmup, iters) for c in configs}
-    peak = max(peak, peak_matmul_flops(device, dtype, big, reps))  # before and after: a busy machine varies
     for res in results.values():
+        fpt = res["model_tflops_per_step"] * 1e12 / res["tokens_per_step"]
         for mode in modes:
             for label in ("ours", "hf"):
                 if label in res[mode]:  # absent when compile failed
-                    achieved = res["model_tflops_per_step"] * 1e12 / (res[mode][label]["step_ms"] / 1e3)
-                    res[mode][label]["mfu"] = achieved / peak
+                    res[mode][label]["mfu"] = mfu(fpt, res[mode][label]["tokens_per_s"], peak)
     result = {
         "benchmark": "train_speed", "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick,
-        "peak_matmul": {"n": big, "dtype": str(dtype).removeprefix("torch."), "tflops": peak / 1e12},
-        "configs": results,
+        "mfu_peak_source": peak_source, "configs": results,
     }
     text = json.dumps(result, indent=2)
     print(text)

@@ -333,7 +333,7 @@ class Trainer:
         if self.flops_per_token is not None:
             peak, source = peak_flops(self.device, self.dtype)
             record["mfu"] = mfu(self.flops_per_token, tps, peak, self.dist.world_size)
-            record["peak_flops_source"] = source
+            record["mfu_peak_source"] = source
         record.update({k: v for k, v in moe_load_stats(self.base).items() if k in ("moe/max_min_ratio", "moe/cv")})
         record.update(self.extra_metrics())
         self._record(record)

@@ -3,12 +3,15 @@
 MFU (model FLOPs utilisation, Chowdhery et al. 2022, PaLM appendix B) is
 ``achieved model FLOP/s / peak FLOP/s``, with achieved = ``flops_per_token × tokens/s`` from
 the model's analytic count (`model.flops_per_token`, 6N + attention, forward + backward).
-The peak comes from
-* a table of dense bf16/fp16 tensor-core peaks for known NVIDIA GPUs (by device name), or
-* a measurement — the best of a few large matmuls in the compute dtype, run once per
-  process and cached — for CPUs, MPS and unknown GPUs. A measured peak is what this machine
-  actually sustains on the best-case kernel, so CPU MFU reads "fraction of achievable",
-  not "fraction of the datasheet"; the log says which source was used.
+It has one definition in this repository — `peak_flops` — used by the trainer's metrics and
+by every benchmark that reports ``mfu``. The peak of one device is
+* the dense bf16/fp16 tensor-core peak from NVIDIA's datasheet, for a known GPU (by device
+  name) training in bf16/fp16 — the usual MFU denominator (PaLM, nanoGPT, torchtitan); else
+* a measurement, for CPUs, MPS, unknown GPUs and fp32: the best of several large square
+  matmuls in the compute dtype (n = 8192 on CUDA, 4096 on MPS, 1024 on CPU — each large
+  enough to reach its BLAS's peak), once per process. That is what the machine sustains on
+  its best-case kernel, so such an MFU reads "fraction of achievable", not "of the datasheet".
+Every record with an ``mfu`` carries ``mfu_peak_source``, naming which peak and its value.
 
 `MetricsLogger` writes every record to ``metrics.jsonl`` of the run (rank 0), mirrors the
 scalars to TensorBoard / Weights & Biases when enabled in ``logging``, and drives a tqdm bar.
@@ -47,9 +50,18 @@ def table_peak_flops(device_name: str) -> Optional[float]:
     return GPU_PEAK_FLOPS[max(hits, key=len)] if hits else None
 
 
+MEASURE_N = {"cuda": 8192, "mps": 4096}  # matmul size of a measured peak; other devices: 1024
+
+
+def matmul_size(device_type: str) -> int:
+    """Side of the square matmul that measures a device's peak."""
+    return MEASURE_N.get(device_type, 1024)
+
+
 @functools.lru_cache(maxsize=None)
-def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
-    """Best FLOP/s of an n×n @ n×n matmul on this device (2n³ FLOPs each), measured once."""
+def measured_peak_flops(device_type: str, dtype: torch.dtype, reps: int = 5) -> float:
+    """Best FLOP/s of an n×n @ n×n matmul (n = `matmul_size`, 2n³ FLOPs) on this device, measured once."""
+    n = matmul_size(device_type)
     device = torch.device(device_type)
     gen = torch.Generator().manual_seed(0)  # private: training's random streams stay untouched
     a = torch.randn(n, n, generator=gen).to(device, dtype)
@@ -65,12 +77,16 @@ def measured_peak_flops(device_type: str, dtype: torch.dtype, n: int = 1024, rep
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s of one device, "table" or "measured")."""
+    """(peak FLOP/s of one device, ``mfu_peak_source``): the one MFU denominator (module docstring)."""
+    dtype_name = str(dtype).removeprefix("torch.")
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
-        peak = table_peak_flops(torch.cuda.get_device_name(device))
+        name = torch.cuda.get_device_name(device)
+        peak = table_peak_flops(name)
         if peak is not None:
-            return peak, "table"
-    return measured_peak_flops(device.type, dtype), "measured"
+            return peak, f"datasheet: {name}, dense bf16/fp16, {peak / 1e12:g} TFLOP/s"
+    peak = measured_peak_flops(device.type, dtype)
+    n = matmul_size(device.type)
+    return peak, f"measured: best {n}x{n} {dtype_name} matmul on {device.type}, {peak / 1e12:.3g} TFLOP/s"
 
 
 def mfu(flops_per_token: float, tokens_per_s: float, peak: float, world_size: int = 1) -> float:
