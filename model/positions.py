@@ -119,8 +119,12 @@ def rope_inv_freq(
 def rope_cos_sin(
     inv_freq: torch.Tensor, positions: torch.Tensor, attention_scaling: float = 1.0, dtype: torch.dtype = torch.float32
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (B, T, dim) for absolute ``positions`` (B, T), computed in fp32."""
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, dim/2)
+    """cos and sin tables (B, T, dim) for absolute ``positions`` (B, T), computed in fp32;
+    ``inv_freq`` is shared (dim/2,) or per row (B, dim/2)."""
+    inv_freq = inv_freq.to(positions.device)
+    if inv_freq.dim() == 2:
+        inv_freq = inv_freq[:, None, :]  # (B, 1, dim/2)
+    freqs = positions[..., None].float() * inv_freq  # (B, T, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim) rotate-half layout
     cos, sin = emb.cos(), emb.sin()
     if attention_scaling != 1.0:
@@ -144,8 +148,9 @@ class RotaryEmbedding(nn.Module):
     """cos/sin for one RoPE configuration (a base theta and an optional scaling).
 
     Holds no parameters or buffers: the inverse frequencies are a plain fp32 tensor, moved to
-    the positions' device on first use. ``dynamic`` recomputes them from the current length
-    ``max(positions) + 1`` on every call (like transformers' ``dynamic_rope_update``).
+    the positions' device on first use. ``dynamic`` recomputes them on every call from each
+    row's own length ``max(positions[b]) + 1`` (transformers' ``dynamic_rope_update`` takes the
+    batch's longest row; per row, a sequence's output never depends on its batch-mates).
     """
 
     def __init__(self, dim: int, theta: float, scaling: Optional[RopeScaling], max_seq_len: int) -> None:
@@ -163,11 +168,15 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (B, T) -> (cos, sin), each (B, T, dim) in ``dtype``."""
         if self.dynamic:
-            seq_len = int(positions.max()) + 1
-            inv_freq, _ = rope_inv_freq(self.dim, self.theta, self.scaling, self.max_seq_len, seq_len)
+            inv_freq = self.dynamic_inv_freq((positions.amax(dim=-1) + 1).tolist())  # (B, dim/2)
         else:
             inv_freq = self.inv_freq(positions.device)
         return rope_cos_sin(inv_freq, positions, self.attention_scaling, dtype)
+
+    def dynamic_inv_freq(self, seq_lens: list[int]) -> torch.Tensor:
+        """Dynamic-NTK inverse frequencies (B, dim/2) fp32 (CPU), row b for length seq_lens[b]."""
+        by_len = {n: rope_inv_freq(self.dim, self.theta, self.scaling, self.max_seq_len, n)[0] for n in set(seq_lens)}
+        return torch.stack([by_len[n] for n in seq_lens])
 
     def extra_repr(self) -> str:
         kind = "none" if self.scaling is None else self.scaling.type

@@ -104,6 +104,8 @@ class ScriptedEngine:
                  delay: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.eos_token_id = 0
+        self.generation_defaults: dict[str, float] = {}
+        self.chat_stop_token_ids: list[int] = []
         self.max_model_len = max_model_len
         self.num_total_blocks = total_blocks
         self.script = script
@@ -114,7 +116,7 @@ class ScriptedEngine:
         self._n = 0
         self.fail_next_step: Optional[Exception] = None
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], **template_kwargs: Any) -> list[int]:
         text = "".join(f"{IM_END}{m['role']}\n{m['content']}" for m in messages)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 

@@ -2,12 +2,15 @@
 
 `LLM(checkpoint).generate(prompts, SamplingParams(...))` runs every prompt through one
 `LLMEngine` (continuous batching: all requests share the batch and the paged KV cache) until
-each has finished, and returns the results in the order of the prompts. Used by scripts,
-evaluation and RL rollouts; interactive use (streaming, aborting) talks to `LLMEngine` directly.
+each has finished, and returns the results in the order of the prompts. `LLM.chat(messages)`
+does the same for conversations, in the model's own chat template and stopping at the end of the
+assistant turn (vLLM's `LLM.chat`). Without SamplingParams, the model's generation_config.json
+defaults apply. Used by scripts, evaluation and RL rollouts; interactive use (streaming,
+aborting) talks to `LLMEngine` directly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -48,7 +51,7 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # a single prompt
         if params is None or isinstance(params, SamplingParams):
-            params = [params if params is not None else SamplingParams()] * len(prompts)
+            params = [params if params is not None else self.engine.sampling_params()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         engine = self.engine
@@ -78,4 +81,26 @@ class LLM:
             r = results[rid]
             outputs.append(RequestOutput(rid, prompt if isinstance(prompt, str) else None, tokens,
                                          "".join(r["text"]), r["tokens"], r["reason"], r["logprobs"]))
+        return outputs
+
+    def chat(
+        self,
+        messages: Union[list[dict[str, str]], list[list[dict[str, str]]]],
+        params: Union[SamplingParams, list[SamplingParams], None] = None,
+        chat_template_kwargs: Optional[dict[str, Any]] = None,
+    ) -> list[RequestOutput]:
+        """Reply to one conversation or several (lists of ``{"role", "content"}``), each rendered
+        in the model's chat template with the assistant header; the reply ends at the model's end
+        of turn. ``chat_template_kwargs`` reach the template (e.g. ``{"enable_thinking": False}``)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        engine = self.engine
+        prompts = [engine.encode_chat(c, **(chat_template_kwargs or {})) for c in conversations]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params if params is not None else engine.sampling_params()] * len(prompts)
+        stops = engine.chat_stop_token_ids
+        params = [replace(p, stop_token_ids=p.stop_token_ids + [t for t in stops if t not in p.stop_token_ids])
+                  for p in params]
+        outputs = self.generate(prompts, params)
+        for out, conversation in zip(outputs, conversations):
+            out.prompt = engine.chat_format.render(conversation, **(chat_template_kwargs or {}))
         return outputs

@@ -10,7 +10,10 @@ detokenization, Hugging Face tokenizers), logprobs and whether it finished.
 Stop strings follow OpenAI's semantics: the text ends before the first stop string and the
 finish reason is "stop". Text that could still turn into a stop string is held back until it
 cannot. The eos token, or a stop token id, that ends a sequence is in its token ids but not in
-its text. Not thread-safe: one thread owns an engine (see `inference/serving/async_engine.py`).
+its text; every eos id of the model counts (`eos_token_ids`). Conversations become prompts
+through the model's `ChatFormat` (`encode_chat`): ChatML for models trained here, an imported
+model's own chat template otherwise. Not thread-safe: one thread owns an engine (see
+`inference/serving/async_engine.py`).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from inference.engine.paged_cache import (
     kv_bytes_per_token,
     num_blocks_for_budget,
 )
-from inference.engine.sampling import SamplingParams, make_generator, sample
+from inference.engine.sampling import SamplingParams, make_generator, sample, with_generation_defaults
 from inference.engine.scheduler import Scheduler
 from inference.engine.sequence import Sequence
 from inference.engine.speculative import LogprobEntry, SpeculativeDecoder
@@ -77,6 +80,17 @@ class IncrementalDetokenizer:
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
         return after[len(before) :]
+
+
+def encode_text(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of a text prompt as the model's tokenizer makes them, with the special tokens its
+    post-processor adds (a Llama / Mistral / Gemma BOS, as transformers and vLLM add it; ours add
+    none), but never a second BOS before one the text already starts with (a rendered chat prompt)."""
+    enc = tokenizer.encode(text)
+    ids = enc.ids
+    if len(ids) > 1 and enc.special_tokens_mask[0] == 1 and ids[1] == ids[0]:
+        return ids[1:]
+    return ids
 
 
 def find_stop(text: str, stops: list[str], start: int) -> int:
@@ -153,8 +167,10 @@ class LLMEngine:
         self.model, self.config = loaded.model, loaded.config
         self.tokenizer: Optional[Tokenizer] = loaded.tokenizer
         self._tokenizer_file = loaded.tokenizer_file
-        self._chat_tokenizer = None
-        self.eos_token_id = loaded.eos_token_id
+        self._chat_format = None
+        self.eos_token_id = loaded.eos_token_id  # the main one
+        self.eos_token_ids: tuple[int, ...] = loaded.eos_token_ids  # every id that ends a sequence
+        self.generation_defaults: dict[str, float] = dict(loaded.generation_defaults)
         self.max_model_len = self.config.max_seq_len
         if block_size < 1 or max_num_seqs < 1:
             raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size} and {max_num_seqs}")
@@ -180,7 +196,7 @@ class LLMEngine:
 
         num_blocks = self._num_blocks(kv_cache_memory_mb, block_size, max_num_seqs, lookahead,
                                       draft.config if draft is not None else None)
-        self.scheduler = Scheduler(num_blocks, block_size, self.max_model_len, self.eos_token_id, max_num_seqs,
+        self.scheduler = Scheduler(num_blocks, block_size, self.max_model_len, self.eos_token_ids, max_num_seqs,
                                    max_num_batched_tokens, enable_prefix_caching, lookahead)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, max_num_seqs, self.device, self.dtype)
         self.runner = ModelRunner(self.model, self.cache)
@@ -230,27 +246,49 @@ class LLMEngine:
             raise RuntimeError("reset_prefix_cache() with requests still running")
         self.scheduler.block_manager.reset_prefix_cache()
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids of a conversation in the one chat template, ending with the assistant header."""
-        from data_pipeline.chat import ChatTokenizer, encode_prompt
+    @property
+    def max_seq_len(self) -> int:
+        """The longest prompt + completion one request can have: max_model_len or the whole KV pool."""
+        return self.scheduler.max_seq_len
 
-        if self._chat_tokenizer is None:
+    @property
+    def chat_format(self):
+        """The model's `data_pipeline.chat.ChatFormat` (UserError without a tokenizer.json)."""
+        from data_pipeline.chat import ChatFormat
+
+        if self._chat_format is None:
             if self._tokenizer_file is None:
                 raise UserError("this checkpoint has no tokenizer.json: chat needs one")
-            self._chat_tokenizer = ChatTokenizer.wrap(Tokenizer.from_file(str(self._tokenizer_file)))
-        return encode_prompt(self._chat_tokenizer, messages)
+            self._chat_format = ChatFormat(self._tokenizer_file)
+        return self._chat_format
+
+    def encode_chat(self, messages: list[dict[str, str]], **template_kwargs: object) -> list[int]:
+        """Prompt ids of a conversation in the model's chat template, ending with the assistant
+        header; ``template_kwargs`` reach a Jinja template (e.g. ``enable_thinking``). ValueError when
+        the template refuses the conversation, UserError when the model has no chat template."""
+        return self.chat_format.encode_prompt(messages, **template_kwargs)
+
+    @property
+    def chat_stop_token_ids(self) -> list[int]:
+        """Token ids that end an assistant turn besides the eos ids (ChatML's <|im_end|>)."""
+        return self.chat_format.stop_token_ids
+
+    def sampling_params(self, **fields: object) -> SamplingParams:
+        """SamplingParams where unset sampling fields take the model's generation_config.json defaults."""
+        return with_generation_defaults(self.generation_defaults, **fields)
 
     # ------------------------------------------------------------------ requests
     def add_request(
         self, prompt: Union[str, list[int]], params: Optional[SamplingParams] = None, request_id: Optional[str] = None
     ) -> str:
-        """Queue a prompt (text or token ids); returns its request id. ValueError (one line) if it
-        can never run (empty, too long for max_model_len or the KV pool, token ids out of range)."""
+        """Queue a prompt (text, encoded by `encode_text`, or token ids); returns its request id.
+        ValueError (one line) if it can never run (empty, too long for max_model_len or the KV pool,
+        token ids out of range)."""
         params = params if params is not None else SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this checkpoint has no tokenizer.json: give the prompt as token ids")
-            token_ids = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+            token_ids = encode_text(self.tokenizer, prompt)
         else:
             token_ids = [int(t) for t in prompt]
         vocab = self.config.vocab_size
@@ -351,5 +389,5 @@ class LLMEngine:
                           logprobs, seq.num_prompt_tokens, seq.num_completion_tokens)
 
     def _is_stop_token(self, seq: Sequence, token_id: int) -> bool:
-        eos = token_id == self.eos_token_id and not seq.params.ignore_eos
+        eos = token_id in self.scheduler.eos_token_ids and not seq.params.ignore_eos
         return eos or token_id in seq.params.stop_token_ids

@@ -12,19 +12,27 @@ init), then moves to the device and dtype. Every user mistake (missing path, not
 config or weights that do not fit, bad adapter) is a `UserError` with one line. A reward model
 (our config.json with ``"task": "reward_model"``, or a Hugging Face ``*ForSequenceClassification``)
 is refused: it scores text and has no language-model head (`align/score.py` runs it).
+
+What ends a sequence and how it is sampled by default come with the model, as in transformers and
+vLLM: every eos id named by the tokenizer (our ``<|endoftext|>``, tokenizer_config.json's
+``eos_token``), config.json, an imported checkpoint's meta.json and ``generation_config.json``
+(Llama 3 Instruct lists three) is a stop id, and generation_config.json's temperature, top_p,
+top_k, min_p and repetition_penalty are the defaults of requests that leave them unset.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from pydantic import ValidationError
 from tokenizers import Tokenizer
 
+from data_pipeline.chat import read_chat_template
 from data_pipeline.formats import EOS_TOKEN
+from inference.engine.sampling import GENERATION_DEFAULT_KEYS, SamplingParams
 from model.build import keep_fp32_modules
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -36,7 +44,15 @@ class LoadedModel:
     config: ModelConfig
     tokenizer: Optional[Tokenizer]  # None when the directory has no tokenizer.json
     tokenizer_file: Optional[Path]
-    eos_token_id: Optional[int]
+    eos_token_id: Optional[int]  # the model's main eos id (first of eos_token_ids)
+    eos_token_ids: tuple[int, ...] = ()  # every id that ends a sequence; default: (eos_token_id,)
+    generation_defaults: dict[str, float] = field(default_factory=dict)  # from generation_config.json
+
+    def __post_init__(self) -> None:
+        if not self.eos_token_ids and self.eos_token_id is not None:
+            self.eos_token_ids = (self.eos_token_id,)
+
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def _read_json(path: Path) -> dict:
@@ -116,19 +132,45 @@ def _apply_adapter(model: Transformer, cfg: ModelConfig, adapter: Path) -> Trans
     return build_from_weights(cfg, merged_state_dict(model), adapter)
 
 
-def _tokenizer(path: Path, raw_config: dict) -> tuple[Optional[Tokenizer], Optional[Path], Optional[int]]:
+def _tokenizer(path: Path) -> tuple[Optional[Tokenizer], Optional[Path]]:
     file = path / "tokenizer.json"
     if not file.is_file():
-        return None, None, None
+        return None, None
     try:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # `tokenizers` raises plain Exceptions for unreadable files
         raise UserError(f"{file} is not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
-    eos = tok.token_to_id(EOS_TOKEN)
-    if eos is None:  # a foreign tokenizer: the model's own eos id
-        eos = raw_config.get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) and eos else eos
-    return tok, file, eos if isinstance(eos, int) else None
+    return tok, file
+
+
+def token_ids(value: Any) -> list[int]:
+    """The ids a config field names: an int, a list of ints, or nothing (None, other types)."""
+    values = value if isinstance(value, list) else [value]
+    return [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+
+
+def eos_token_ids(path: Path, raw_config: dict, generation_config: dict, tok: Optional[Tokenizer]) -> tuple[int, ...]:
+    """Every eos id of the model, de-duplicated, the main one first (see the module docstring)."""
+    candidates: list[int] = []
+    if tok is not None:
+        named = [EOS_TOKEN, read_chat_template(path)[1].get("eos_token")]
+        candidates += [i for i in (tok.token_to_id(t) for t in named if t) if i is not None]
+    meta = _read_json(path / "meta.json") if (path / "meta.json").is_file() else {}
+    hf_ids = meta.get("hf_token_ids") if isinstance(meta, dict) else None
+    hf_ids = hf_ids if isinstance(hf_ids, dict) else {}
+    for source in (raw_config, hf_ids, generation_config):
+        candidates += token_ids(source.get("eos_token_id"))
+    return tuple(dict.fromkeys(candidates))
+
+
+def generation_defaults(path: Path, generation_config: dict) -> dict[str, float]:
+    """The sampling defaults generation_config.json sets (UserError naming the file if one is invalid)."""
+    defaults = {k: generation_config[k] for k in GENERATION_DEFAULT_KEYS if generation_config.get(k) is not None}
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise UserError(f"{path / GENERATION_CONFIG_FILE}: {e}") from None
+    return defaults
 
 
 def load_model(
@@ -145,5 +187,11 @@ def load_model(
         model = _apply_adapter(model, cfg, Path(adapter))
     model = keep_fp32_modules(model.to(device=device, dtype=dtype)).eval()
     model.requires_grad_(False)
-    tok, tok_file, eos = _tokenizer(path, raw)
-    return LoadedModel(model, cfg, tok, tok_file, eos)
+    tok, tok_file = _tokenizer(path)
+    gen_file = path / GENERATION_CONFIG_FILE
+    gen = _read_json(gen_file) if gen_file.is_file() else {}
+    if not isinstance(gen, dict):
+        raise UserError(f"{gen_file} is not a JSON object")
+    eos_ids = eos_token_ids(path, raw, gen, tok)
+    return LoadedModel(model, cfg, tok, tok_file, eos_ids[0] if eos_ids else None, eos_ids,
+                       generation_defaults(path, gen))

@@ -32,6 +32,9 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit on top_logprobs
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# What a model's generation_config.json may set as defaults (the fields vLLM takes from it)
+GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass
@@ -64,7 +67,8 @@ class SamplingParams:
             ("repetition_penalty", _is_real(self.repetition_penalty) and self.repetition_penalty > 0, "> 0"),
             ("presence_penalty", _is_real(self.presence_penalty) and -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", _is_real(self.frequency_penalty) and -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-            ("seed", self.seed is None or _is_int(self.seed), "an integer or None"),
+            ("seed", self.seed is None or (_is_int(self.seed) and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] or None"),
             ("stop", all(isinstance(s, str) and s for s in self.stop), "a list of non-empty strings"),
             ("stop_token_ids", all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "a list of token ids >= 0"),
             ("max_tokens", self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
@@ -80,6 +84,18 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def with_generation_defaults(defaults: dict[str, float], **fields: object) -> SamplingParams:
+    """SamplingParams from ``fields``; a sampling field (`GENERATION_DEFAULT_KEYS`) given as None or
+    not at all takes the model's default (``defaults``, from generation_config.json), else
+    SamplingParams' own, as vLLM and transformers do."""
+    for key in GENERATION_DEFAULT_KEYS:
+        if fields.get(key) is None:
+            fields.pop(key, None)
+            if key in defaults:
+                fields[key] = defaults[key]
+    return SamplingParams(**fields)
 
 
 def _is_int(x: object) -> bool:

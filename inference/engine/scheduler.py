@@ -21,6 +21,7 @@ oldest sequence can always make progress. Not thread-safe: call it from one engi
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from inference.engine.block_manager import BlockManager
@@ -43,7 +44,7 @@ class Scheduler:
         num_blocks: int,
         block_size: int,
         max_model_len: int,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Iterable[int] | None = None,  # one eos id or several (every one ends a sequence)
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
@@ -61,7 +62,8 @@ class Scheduler:
             )
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.max_model_len = max_model_len
-        self.eos_token_id = eos_token_id
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+        self.eos_token_ids = frozenset(ids)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_lookahead_slots = num_lookahead_slots
@@ -85,6 +87,18 @@ class Scheduler:
     def get(self, request_id: str) -> Sequence | None:
         return self._requests.get(request_id)
 
+    @property
+    def pool_len(self) -> int:
+        """The longest sequence the whole KV pool holds: a sequence of final length L needs KV for
+        at most L - 1 tokens (+ lookahead slots)."""
+        bm = self.block_manager
+        return bm.num_blocks * bm.block_size + 1 - self.num_lookahead_slots
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest sequence (prompt + completion) that can ever run: max_model_len or the pool."""
+        return min(self.max_model_len, self.pool_len)
+
     # ---- requests in and out ------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; ValueError (one line) if it could never run.
@@ -98,8 +112,7 @@ class Scheduler:
         if n == 0:
             raise ValueError("the prompt is empty")
         bm = self.block_manager
-        # A sequence of final length L needs KV for at most L - 1 tokens (+ lookahead slots).
-        pool_len = bm.num_blocks * bm.block_size + 1 - self.num_lookahead_slots
+        pool_len = self.pool_len
         if max_tokens is None:
             max_len = min(self.max_model_len, pool_len)
             if n >= max_len:
@@ -228,7 +241,7 @@ class Scheduler:
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.params
-        if token_id == self.eos_token_id and not params.ignore_eos:
+        if token_id in self.eos_token_ids and not params.ignore_eos:
             return "stop"
         if token_id in params.stop_token_ids:
             return "stop"

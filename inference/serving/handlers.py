@@ -1,13 +1,16 @@
 """OpenAI chat and text completions on top of the engine: requests in, JSON or SSE out.
 
-A request becomes token ids (the one chat template through `engine.encode_chat`, or the raw
+A request becomes token ids (the model's chat template through `engine.encode_chat`, or the raw
 prompt) and one `SamplingParams` per choice (`n` choices = `n` engine sequences, choice i
-seeded with `seed + i`), checked against the context length, and is submitted to the shared
+seeded with `seed + i`; sampling fields left unset take the model's generation_config.json
+defaults, as in vLLM), checked against the context length, and is submitted to the shared
 `AsyncEngine` as one `GenerationStream`. Non-streaming answers collect the stream; streaming
 answers turn each engine step into server-sent events in OpenAI's chunk format, ending with
 `data: [DONE]`. Semantics follow OpenAI's API reference: `usage.prompt_tokens` counts each
-distinct prompt once, `finish_reason` is `stop` (EOS, <|im_end|> or a stop string, which is
-cut from the text) or `length`.
+distinct prompt once, `finish_reason` is `stop` (an eos id, the end of the assistant turn or a
+stop string, which is cut from the text) or `length`. Anything a request can cause (a bad
+value, a conversation the chat template refuses, a model without a chat template, a prompt too
+long) is a 4xx in OpenAI's error shape, never a 5xx.
 """
 from __future__ import annotations
 
@@ -22,13 +25,14 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from data_pipeline.formats import IM_END
-from inference.engine.sampling import SamplingParams
+from inference.engine.llm_engine import encode_text
+from inference.engine.sampling import SamplingParams, with_generation_defaults
 from inference.serving.async_engine import AsyncEngine, GenerationStream
+from inference.serving.logprobs import TokenBytes, chat_logprobs, completion_logprobs
 from inference.serving.protocol import (
     AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest,
     ChoiceLogprobs, ChunkChoice, Completion, CompletionChoice, CompletionLogprobs,
-    CompletionRequest, Delta, ErrorDetail, ErrorResponse, TokenLogprob, TopLogprob, Usage, sse,
+    CompletionRequest, Delta, ErrorDetail, ErrorResponse, TokenLogprob, Usage, sse,
 )
 from utils.errors import UserError
 
@@ -54,21 +58,18 @@ class ServingContext:
     model_name: str
     api_key: Optional[str] = None
     vocab_size: int = field(init=False)
-    im_end_id: Optional[int] = field(init=False)
+    tokens: TokenBytes = field(init=False)  # token ids -> bytes / strings, for logprobs
 
     def __post_init__(self) -> None:
         if self.engine.tokenizer is None:
             raise UserError("this checkpoint has no tokenizer.json: the server needs one to read and write text")
         self.vocab_size = self.engine.tokenizer.get_vocab_size(with_added_tokens=True)
-        self.im_end_id = self.engine.tokenizer.token_to_id(IM_END)
+        self.tokens = TokenBytes(self.engine.tokenizer)
 
     def check_model(self, model: Optional[str]) -> None:
         if model is not None and model != self.model_name:
             raise ApiError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
                            "model", "model_not_found")
-
-    def token_text(self, token_id: int) -> str:
-        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
 
 # ---------------------------------------------------------------------------- request → engine
@@ -89,12 +90,17 @@ def max_tokens_for(ctx: ServingContext, prompt_len: int, requested: Optional[int
     return requested
 
 
-def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: Optional[int], logprobs: Optional[int],
-                    stop_token_ids: list[int], choice: int) -> SamplingParams:
+def _bad_request(e: Exception, param: Optional[str] = None) -> ApiError:
+    """A ValueError / UserError about the request as a 400 with its first line."""
+    return ApiError(400, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, param)
+
+
+def sampling_params(ctx: ServingContext, req: ChatCompletionRequest | CompletionRequest, max_tokens: Optional[int],
+                    logprobs: Optional[int], stop_token_ids: list[int], choice: int) -> SamplingParams:
     try:
-        return SamplingParams(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+        return with_generation_defaults(
+            ctx.engine.generation_defaults,
+            temperature=req.temperature, top_p=req.top_p,
             top_k=req.top_k, min_p=req.min_p, repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
             seed=None if req.seed is None else req.seed + choice,
@@ -102,14 +108,14 @@ def sampling_params(req: ChatCompletionRequest | CompletionRequest, max_tokens: 
             ignore_eos=req.ignore_eos,
         )
     except ValueError as e:
-        raise ApiError(400, str(e).strip().splitlines()[0]) from None
+        raise _bad_request(e) from None
 
 
 async def submit(ctx: ServingContext, pairs: list[tuple[list[int], SamplingParams]]) -> GenerationStream:
     try:
         return await ctx.async_engine.submit(pairs)
-    except ValueError as e:
-        raise ApiError(400, str(e).strip().splitlines()[0]) from None
+    except (ValueError, UserError) as e:
+        raise _bad_request(e) from None
 
 
 async def until_disconnect(request: Request, stream: GenerationStream, work: Awaitable[T]) -> T | Response:
@@ -149,34 +155,6 @@ def _error_event(e: Exception) -> str:
     return sse(ErrorResponse(error=ErrorDetail(message=str(e), type="server_error")))
 
 
-# ---------------------------------------------------------------------------- logprobs
-def _logprob_entries(out: Any) -> list[tuple[int, float, list[tuple[int, float]]]]:
-    """(token id, logprob, [(alt id, alt logprob), ...]) for each new token of a StepOutput."""
-    return [(tid, lp, list(top or [])) for tid, lp, top in out.logprobs]
-
-
-def chat_logprobs(ctx: ServingContext, out: Any) -> list[TokenLogprob]:
-    def top(tid: int, lp: float) -> TopLogprob:
-        text = ctx.token_text(tid)
-        return TopLogprob(token=text, logprob=lp, bytes=list(text.encode("utf-8")))
-
-    return [TokenLogprob(**top(tid, lp).model_dump(), top_logprobs=[top(a, b) for a, b in alts])
-            for tid, lp, alts in _logprob_entries(out)]
-
-
-def completion_logprobs(ctx: ServingContext, out: Any, offset: int) -> CompletionLogprobs:
-    """The legacy logprobs object; `text_offset` counts characters from the completion's start."""
-    lp = CompletionLogprobs(top_logprobs=[])
-    for tid, logprob, alts in _logprob_entries(out):
-        text = ctx.token_text(tid)
-        lp.tokens.append(text)
-        lp.token_logprobs.append(logprob)
-        lp.top_logprobs.append({ctx.token_text(a): b for a, b in alts})
-        lp.text_offset.append(offset)
-        offset += len(text)
-    return lp
-
-
 # ---------------------------------------------------------------------------- chat completions
 async def chat_completion(ctx: ServingContext, req: ChatCompletionRequest, request: Request) -> Any:
     ctx.check_model(req.model)
@@ -187,14 +165,14 @@ async def chat_completion(ctx: ServingContext, req: ChatCompletionRequest, reque
         raise ApiError(400, "'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        prompt = ctx.engine.encode_chat(messages)
-    except ValueError as e:
-        raise ApiError(400, str(e).strip().splitlines()[0], "messages") from None
+        prompt = ctx.engine.encode_chat(messages, **(req.chat_template_kwargs or {}))
+        stop_ids = list(ctx.engine.chat_stop_token_ids)
+    except (ValueError, UserError) as e:  # the template refused the conversation / the model has none
+        raise _bad_request(e, "messages") from None
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = max_tokens_for(ctx, len(prompt), requested, "messages")
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    stop_ids = [ctx.im_end_id] if ctx.im_end_id is not None else []
-    params = [sampling_params(req, max_tokens, logprobs, stop_ids, i) for i in range(req.n)]
+    params = [sampling_params(ctx, req, max_tokens, logprobs, stop_ids, i) for i in range(req.n)]
     stream = await submit(ctx, [(prompt, p) for p in params])
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     if req.stream:
@@ -213,7 +191,7 @@ async def _chat_collect(ctx: ServingContext, stream: GenerationStream, rid: str,
         async for i, out in stream:
             texts[i].append(out.new_text)
             if want_logprobs:
-                lps[i] += chat_logprobs(ctx, out)
+                lps[i] += chat_logprobs(ctx.tokens, out)
             if out.finished:
                 finish[i] = out.finish_reason
                 completion += out.completion_tokens
@@ -237,7 +215,7 @@ async def _chat_events(ctx: ServingContext, stream: GenerationStream, rid: str, 
             yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
         try:
             async for i, out in stream:
-                lp = ChoiceLogprobs(content=chat_logprobs(ctx, out)) if want_logprobs else None
+                lp = ChoiceLogprobs(content=chat_logprobs(ctx.tokens, out)) if want_logprobs else None
                 if out.new_text or (lp is not None and lp.content):
                     yield chunk([ChunkChoice(index=i, delta=Delta(content=out.new_text), logprobs=lp)])
                 if out.finished:
@@ -260,7 +238,7 @@ def _prompts(ctx: ServingContext, prompt: Any) -> list[list[int]]:
         prompt = [prompt]
     out = []
     for p in prompt:
-        ids = ctx.engine.tokenizer.encode(p, add_special_tokens=False).ids if isinstance(p, str) else list(p)
+        ids = encode_text(ctx.engine.tokenizer, p) if isinstance(p, str) else list(p)
         if not ids:
             raise ApiError(400, "The prompt is empty.", "prompt")
         bad = [t for t in ids if not 0 <= t < ctx.vocab_size]
@@ -282,7 +260,7 @@ async def completion(ctx: ServingContext, req: CompletionRequest, request: Reque
     pairs = []
     for p in prompts:
         max_tokens = max_tokens_for(ctx, len(p), requested, "prompt")
-        pairs += [(p, sampling_params(req, max_tokens, req.logprobs, [], j)) for j in range(req.n)]
+        pairs += [(p, sampling_params(ctx, req, max_tokens, req.logprobs, [], j)) for j in range(req.n)]
     stream = await submit(ctx, pairs)
     rid = f"cmpl-{uuid.uuid4().hex}"
     prompt_tokens = sum(len(p) for p in prompts)
@@ -304,7 +282,7 @@ async def _completion_collect(ctx: ServingContext, stream: GenerationStream, rid
         async for i, out in stream:
             texts[i].append(out.new_text)
             if logprobs is not None:
-                part = completion_logprobs(ctx, out, offsets[i])
+                part = completion_logprobs(ctx.tokens, out, offsets[i])
                 for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
                     getattr(lps[i], name).extend(getattr(part, name))
             offsets[i] += len(out.new_text)
@@ -326,7 +304,7 @@ async def _completion_events(ctx: ServingContext, stream: GenerationStream, rid:
     async with stream:
         try:
             async for i, out in stream:
-                lp = completion_logprobs(ctx, out, offsets.get(i, 0)) if logprobs is not None else None
+                lp = completion_logprobs(ctx.tokens, out, offsets.get(i, 0)) if logprobs is not None else None
                 offsets[i] = offsets.get(i, 0) + len(out.new_text)
                 if out.finished:
                     completion_tokens += out.completion_tokens

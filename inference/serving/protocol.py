@@ -3,13 +3,14 @@
 Field names, defaults and ranges follow OpenAI's API reference for `/v1/chat/completions`,
 `/v1/completions` and `/v1/models` (the subset this server implements). Requests are strict:
 an unknown field is a 400 naming it, as OpenAI does, rather than being silently ignored.
-`top_k`, `min_p`, `repetition_penalty` and `ignore_eos` are extensions (as in vLLM) that the
-official client sends through `extra_body`.
+`top_k`, `min_p`, `repetition_penalty`, `ignore_eos` and `chat_template_kwargs` are extensions
+(as in vLLM) that the official client sends through `extra_body`. Sampling fields left unset
+(None) take the model's generation_config.json defaults.
 """
 from __future__ import annotations
 
 import time
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,16 +61,16 @@ class _SamplingFields(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
     n: int = Field(1, ge=1, le=128)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=-(2**63), le=2**63 - 1)  # vLLM's range (a 64-bit signed int)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: Optional[str] = None
     # extensions (vLLM-style, via the client's extra_body)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
+    top_k: Optional[int] = Field(None, ge=0)  # 0 = off
+    min_p: Optional[float] = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
     ignore_eos: bool = False
 
     def stop_list(self) -> list[str]:
@@ -83,6 +84,7 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     logprobs: Optional[bool] = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    chat_template_kwargs: Optional[dict[str, Any]] = None  # extra variables for the chat template
 
 
 class CompletionRequest(_SamplingFields):

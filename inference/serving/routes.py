@@ -7,8 +7,9 @@ With an API key set, every `/v1/` route wants `Authorization: Bearer <key>` (401
 `/health` and `/` stay open (the page asks for the key and sends it itself).
 
 Every error answers `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
-parameter, malformed JSON (FastAPI's 422 is turned into 400, as OpenAI answers) or a prompt
-over the context, 401 for a wrong/missing key, 404 for an unknown model or path.
+parameter, malformed JSON (FastAPI's 422 is turned into 400, as OpenAI answers), a prompt over
+the context or anything else the request causes (a `UserError`), 401 for a wrong/missing key,
+404 for an unknown model or path; 5xx only for the server's own failures.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from inference.serving.handlers import ApiError, ServingContext, chat_completion
 from inference.serving.protocol import (
     ChatCompletionRequest, CompletionRequest, ErrorDetail, ErrorResponse, ModelCard, ModelList,
 )
+from utils.errors import UserError
 
 WEB_PAGE = Path(__file__).resolve().parent.parent / "web" / "index.html"
 
@@ -136,6 +138,10 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
     return _error(exc.status_code, ErrorDetail(message=message, type="invalid_request_error"))
 
 
+async def _on_user_error(request: Request, exc: UserError) -> JSONResponse:
+    return _error(400, ErrorDetail(message=" ".join(str(exc).split()), type="invalid_request_error"))
+
+
 async def _on_engine_dead(request: Request, exc: EngineDeadError) -> JSONResponse:
     return _error(503, ErrorDetail(message=str(exc), type="server_error", code="engine_unavailable"))
 
@@ -164,6 +170,7 @@ def create_app(engine: Any, model_name: str, api_key: Optional[str] = None) -> F
     app.add_exception_handler(ApiError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(UserError, _on_user_error)
     app.add_exception_handler(EngineDeadError, _on_engine_dead)
     app.add_exception_handler(Exception, _on_internal_error)  # a bug: still answered in OpenAI's shape
     return app
