@@ -14,7 +14,8 @@ by every benchmark that reports ``mfu``. The peak of one device is
 Every record with an ``mfu`` carries ``mfu_peak_source``, naming which peak and its value.
 
 `MetricsLogger` writes every record to ``metrics.jsonl`` of the run (rank 0), mirrors the
-scalars to TensorBoard / Weights & Biases when enabled in ``logging``, and drives a tqdm bar.
+scalars to TensorBoard / Weights & Biases when enabled in ``logging``, and drives a progress
+bar (on a terminal only, `utils.progress`).
 """
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ import time
 from typing import Any, Optional
 
 import torch
-from tqdm import tqdm
 
 from utils.config import LoggingConfig
 from utils.errors import UserError
+from utils.progress import progress
 from utils.runs import RunDir
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,9 @@ class MetricsLogger:
             self.tb = _tensorboard_writer(run)
         if self.active and cfg.wandb:
             self.wandb = _wandb_run(cfg, run, config)
-        self.bar = tqdm(total=total_steps, initial=start_step, disable=not self.active, dynamic_ncols=True,
-                        mininterval=1.0, desc="train", file=sys.stderr)
+        # a bar on a terminal only: in a log file the periodic "step N/M | loss ..." lines are the progress
+        self.bar = progress(total=total_steps, desc="train", enabled=self.active, lines=False, stream=sys.stderr,
+                            initial=start_step, dynamic_ncols=True, mininterval=1.0)
 
     def log(self, step: int, record: dict[str, Any]) -> None:
         """Append ``{"step": step, **record}`` to metrics.jsonl and mirror the scalars."""

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from tqdm import tqdm
 
 from data_pipeline.builtin import generate_story
 from data_pipeline.cleaning.documents import read_documents, split_documents, write_documents
@@ -33,6 +32,7 @@ from data_pipeline.download.sources import (
 from data_pipeline.formats import DataLayout, write_json_atomic
 from utils.errors import UserError, cli_main
 from utils.paths import resolve_path
+from utils.progress import progress
 
 DATASET = "roneneldan/TinyStories"
 DEFAULT_MAX = {"hub": 20_000, "builtin": 2_000}  # builtin: ~1.6 MB, generated in about a second
@@ -72,7 +72,7 @@ def local_stories(path: Path, text_field: str) -> list[str]:
 def builtin_stories(split: str, n: int, seed: int) -> list[str]:
     start = 0 if split == "train" else VALIDATION_START
     return [generate_story(seed, start + i).text
-            for i in tqdm(range(n), desc="built-in stories", unit=" stories", disable=None, leave=False)]
+            for i in progress(range(n), desc="built-in stories", unit="stories", leave=False)]
 
 
 def main(argv=None) -> None:

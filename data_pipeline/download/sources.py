@@ -18,10 +18,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.paths import DEFAULT_DATA_DIR
+from utils.progress import progress
 
 SOURCES = ("hub", "local", "builtin")
 HUB_TIMEOUT_S = 5.0
@@ -86,7 +86,7 @@ def stream_hub(repo_id: str, config: Optional[str], split: str, limit: Optional[
     import datasets  # imported here: slow to import, and only needed online
 
     ds = datasets.load_dataset(repo_id, config, split=split, streaming=True)
-    with tqdm(total=limit, desc=desc, unit=" rows", disable=None, leave=False) as bar:
+    with progress(total=limit, desc=desc, unit="rows", leave=False) as bar:
         for i, row in enumerate(ds):
             if limit is not None and i >= limit:
                 break

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from data_pipeline.chat import ChatTokenizer, Message
 from data_pipeline.formats import COMMANDS, DataLayout, file_sha256, sidecar_path
@@ -16,6 +15,7 @@ from data_pipeline.tokenizer.io import load_tokenizer as load_tokenizer_dir
 from data_pipeline.tokenizer.io import tokenizer_hash
 from utils.errors import UserError
 from utils.paths import DEFAULT_DATA_DIR, resolve_path
+from utils.progress import progress as progress_bar
 
 
 def add_data_dir_arg(parser: argparse.ArgumentParser) -> None:
@@ -152,9 +152,9 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def progress(total: int, desc: str, unit: str = "it") -> tqdm:
-    """A progress bar on stderr, shown only on a terminal."""
-    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, disable=None, leave=False)
+def progress(total: int, desc: str, unit: str = "it") -> Any:
+    """A progress bar on stderr: a bar on a terminal, a line every 30 s in a log (`utils.progress`)."""
+    return progress_bar(total=total, desc=desc, unit=unit, unit_scale=True, leave=False)
 
 
 def summary(step: str, items: int, item_name: str, tokens: int, nbytes: int, seconds: float,

@@ -46,11 +46,11 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import regex
-from tqdm import tqdm
 
 from data_pipeline.tokenizer.byte_level import (
     BYTE_TO_CHAR, CHAR_TO_BYTE, count_words, from_byte_level, split_words, to_byte_level,
 )
+from utils.progress import progress
 
 _MAX_CACHE = 200_000  # encode() memoizes words; the cache is cleared when it grows past this
 
@@ -106,7 +106,7 @@ def train_bpe_from_counts(
 
     merges: list[tuple[int, int]] = []
     threshold = max(1, min_frequency)
-    with tqdm(total=max(0, vocab_size - len(tokens)), desc="bpe merges", disable=not show_progress) as bar:
+    with progress(total=max(0, vocab_size - len(tokens)), desc="bpe merges", enabled=show_progress) as bar:
         while len(tokens) < vocab_size and heap:
             neg_count, pair = heapq.heappop(heap)
             count = counts.get(pair, 0)

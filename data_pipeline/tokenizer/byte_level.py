@@ -18,7 +18,8 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Iterable
 
 import regex
-from tqdm import tqdm
+
+from utils.progress import progress
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 WORD_RE = regex.compile(GPT2_PATTERN)
@@ -78,13 +79,13 @@ def count_words(texts: Iterable[str], num_workers: int = 1, show_progress: bool 
     """
     texts = list(texts)
     if num_workers <= 1 or len(texts) < 2 * num_workers:
-        return _count_chunk(tqdm(texts, desc="counting words", unit="text", disable=not show_progress))
+        return _count_chunk(progress(texts, desc="counting words", unit="text", enabled=show_progress))
     n_shards = 8 * num_workers  # several shards per worker: even load, a moving progress bar
     size = -(-len(texts) // n_shards)
     shards = [texts[i : i + size] for i in range(0, len(texts), size)]
     total: Counter[str] = Counter()
     with ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for counts in tqdm(pool.map(_count_chunk, shards), total=len(shards), desc="counting words",
-                           unit="shard", disable=not show_progress):
+        for counts in progress(pool.map(_count_chunk, shards), total=len(shards), desc="counting words",
+                               unit="shard", enabled=show_progress):
             total.update(counts)
     return total

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from tqdm import tqdm
 
 from data_pipeline.formats import EOS_TOKEN, SPECIAL_TOKENS
 from data_pipeline.tokenizer.bpe import train_bpe
@@ -31,6 +30,7 @@ from data_pipeline.tokenizer.io import (
 )
 from utils.errors import UserError, cli_main
 from utils.paths import resolve_path
+from utils.progress import progress
 
 BACKENDS = ("hf", "bpe", "sentencepiece")
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
@@ -71,7 +71,8 @@ def train_hf(stories: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,  # its bars print to stdout
     )
     # The trainer pulls stories as it pre-tokenizes them, the bulk of its work: that is the bar.
-    tok.train_from_iterator(tqdm(stories, desc="hf bpe: reading stories", unit="story"), trainer, length=len(stories))
+    tok.train_from_iterator(progress(stories, desc="hf bpe: reading stories", unit="story"), trainer,
+                            length=len(stories))
     return tok
 
 
@@ -92,7 +93,7 @@ def train_to_dir(backend: str, stories: list[str], vocab_size: int, out_dir: Pat
 
         lines = [line for s in stories for line in s.split("\n") if line.strip()]
         try:
-            proto = train_sentencepiece(tqdm(lines, desc="sentencepiece: reading lines", unit="line"),
+            proto = train_sentencepiece(progress(lines, desc="sentencepiece: reading lines", unit="line"),
                                         vocab_size, SPECIAL_TOKENS)
         except RuntimeError as e:
             raise UserError(f"sentencepiece could not train with --vocab_size {vocab_size}: {e}") from None
@@ -107,7 +108,7 @@ def train_to_dir(backend: str, stories: list[str], vocab_size: int, out_dir: Pat
 def count_tokens(tok: Tokenizer, stories: list[str], batch: int = 1024) -> int:
     """Tokens of the corpus as the saved tokenizer encodes it (one EOS per story included)."""
     total = 0
-    for i in tqdm(range(0, len(stories), batch), desc="counting tokens", unit="batch"):
+    for i in progress(range(0, len(stories), batch), desc="counting tokens", unit="batch"):
         total += sum(len(e.ids) + 1 for e in tok.encode_batch(stories[i : i + batch]))
     return total
 
