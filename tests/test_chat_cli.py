@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import assert_user_error, run_script
 from utils.errors import UserError
@@ -119,3 +120,31 @@ def test_ctrl_c_stops_the_reply_and_frees_its_blocks(engine, capsys):
     assert reply.finish_reason == "interrupted" and reply.num_tokens < 200 and len(calls) <= 4
     assert not engine.has_unfinished() and engine.num_free_blocks == free
     assert capsys.readouterr().out == reply.text
+
+
+def test_conversation_outgrowing_the_kv_pool_drops_the_oldest_exchanges(ckpt, monkeypatch, capsys):
+    """Regression: a KV pool smaller than the context overflowed with a traceback (only
+    max_model_len was checked). Now the oldest exchanges go, with a note; a message that alone
+    does not fit is refused and the chat goes on."""
+    from inference.engine.llm_engine import LLMEngine
+    from inference.engine.paged_cache import kv_bytes_per_token
+    from model.config import ModelConfig
+    from utils.checkpoint import load_checkpoint
+
+    cfg = ModelConfig(**load_checkpoint(ckpt).model_config)
+    pool_mb = 6 * 16 * kv_bytes_per_token(cfg, torch.float32) / 2**20  # 6 blocks of 16 tokens
+    engine = LLMEngine(ckpt, device="cpu", dtype="float32", max_num_seqs=1, kv_cache_memory_mb=pool_mb)
+    assert engine.num_total_blocks * 16 < engine.max_model_len
+    typed = iter(["Once upon a time there was a little cat"] * 6 + ["a b c " * 60, "Hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    seen: list[list[dict]] = []
+    encode_chat = engine.encode_chat
+    monkeypatch.setattr(engine, "encode_chat", lambda messages: seen.append(messages) or encode_chat(messages))
+    args = chat.parse_args(["--checkpoint", "unused", "--temperature", "0", "--max_new_tokens", "16"])
+    chat.interactive(args, engine, [{"role": "system", "content": "S"}], "tiny")
+    out = capsys.readouterr().out
+    assert "dropped the oldest" in out and "the KV cache holds" in out and "shorten it" in out
+    assert out.count("assistant> ") == 7  # every message but the over-long one got a reply
+    assert all(m[0]["role"] == "system" and m[1]["role"] == "user" for m in seen)  # whole exchanges dropped
+    assert seen[-1][-1]["content"] == "Hello" and len(encode_chat(seen[-1])) < engine.num_total_blocks * 16
+    assert not engine.has_unfinished()

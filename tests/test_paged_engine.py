@@ -158,6 +158,29 @@ def test_batched_equals_unbatched(kind, checkpoint) -> None:
     assert batched == one_at_a_time
 
 
+def test_dynamic_ntk_rows_do_not_depend_on_their_batch_mates(tok_dir, tmp_path) -> None:
+    """Regression: the dynamic-NTK RoPE base came from the longest row of the batch, so a short
+    request's output changed with a long one beside it. Per row, batched equals one at a time."""
+    scaling = dict(type="dynamic", factor=4.0, original_max_position_embeddings=8)
+    ckpt = save_model(get_preset("tiny", vocab_size=VOCAB, rope_scaling=scaling), tmp_path / "ntk", tok_dir)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=0)
+
+    def tokens_and_logprobs(eng: LLMEngine, plist: list[list[int]]) -> list[list[tuple[int, float]]]:
+        ids = [eng.add_request(p, params) for p in plist]
+        got: dict[str, list[tuple[int, float]]] = {rid: [] for rid in ids}
+        while eng.has_unfinished():
+            for out in eng.step():
+                got[out.request_id] += [(t, lp) for t, lp, _ in out.logprobs]
+        return [got[rid] for rid in ids]
+
+    plist = prompts((4, 30, 11), seed=3)  # one row within the original 8 positions, two beyond
+    batched = tokens_and_logprobs(engine(ckpt), plist)
+    alone = [tokens_and_logprobs(engine(ckpt, max_num_seqs=1), [p])[0] for p in plist]
+    for b, a in zip(batched, alone):
+        assert [t for t, _ in b] == [t for t, _ in a]
+        assert [lp for _, lp in b] == pytest.approx([lp for _, lp in a], abs=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["gqa", "sliding_window", "mla"])
 def test_prefix_cache_hits_give_identical_output(kind, checkpoint) -> None:
     ckpt = checkpoint(kind)

@@ -4,7 +4,8 @@ A checkpoint is a directory:
 
     config.json            model config (ModelConfig fields) + format version
     model.safetensors      weights (no `_orig_mod.` / `module.` prefixes)
-    tokenizer.json ...     tokenizer files + chat template, copied when known
+    tokenizer.json ...     tokenizer files + chat template (+ an imported model's generation_config.json:
+                           its eos ids and sampling defaults), copied when known
     meta.json              free-form metadata (stage, step, metrics, ...)
     training_state/        only for resumable training:
         state.json         the nested state with tensors replaced by references
@@ -32,7 +33,7 @@ from utils.errors import UserError
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer_meta.json",
-    "chat_template.jinja", "tokenizer.model",
+    "chat_template.jinja", "tokenizer.model", "generation_config.json",
 )
 _STRIP_PREFIXES = ("_orig_mod.", "module.")
 # config.json of a checkpoint that is not a causal LM says what it is: {"task": "reward_model", ...}.

@@ -4,9 +4,11 @@
     python utils/convert_hf.py --checkpoint CKPT_DIR --to_hf DIR   # checkpoint -> Hugging Face
 
 Families: llama (2, 3), qwen2, qwen3, mistral, gemma2, gemma3 (text), deepseek_v3 (see
-`model/hf.py`). Tokenizer files present in the source directory are copied along. The
-special token ids of an imported config are kept in the checkpoint's meta.json and written
-back on export; a checkpoint trained here gets them from its own tokenizer.json.
+`model/hf.py`). Tokenizer files (with the chat template) and ``generation_config.json`` (the
+model's eos ids and sampling defaults, read by the inference engine) present in the source
+directory are copied along, both ways. The special token ids of an imported config are kept in
+the checkpoint's meta.json and written back on export; a checkpoint trained here gets them from
+its own tokenizer.json.
 
 Reward models go both ways too: a reward-model checkpoint (config.json ``"task": "reward_model"``)
 exports as ``<Family>ForSequenceClassification`` with one label and the tokenizer's pad token
