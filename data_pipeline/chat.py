@@ -206,6 +206,7 @@ def encode_response(ct: ChatTokenizer, content: str) -> list[int]:
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+RESERVED_VARIABLES = ("messages", "add_generation_prompt", "tools", "documents")  # set by the renderer
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
@@ -336,6 +337,9 @@ class ChatFormat:
     def render(self, messages: list[Message], add_generation_prompt: bool = True, **variables: Any) -> str:
         """The prompt as text (for ChatML: exactly what the ids spell)."""
         _check_shape(messages)
+        reserved = sorted(set(variables) & set(RESERVED_VARIABLES))
+        if reserved:
+            raise ValueError(f"chat template variables cannot be set: {', '.join(reserved)}")
         source = CHAT_TEMPLATE if self.chatml is not None else self._template()
         return render_chat_template(source, messages, add_generation_prompt, **{**self.special_tokens, **variables})
 

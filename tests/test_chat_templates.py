@@ -85,6 +85,8 @@ def test_refusals_and_template_errors_are_value_errors(tmp_path):
         fmt.encode_prompt([{"role": "user", "content": 3}])
     with pytest.raises(ValueError, match="no messages"):
         fmt.encode_prompt([])
+    with pytest.raises(ValueError, match="cannot be set: messages"):
+        fmt.encode_prompt([{"role": "user", "content": "a"}], messages=[])
     with pytest.raises(UserError, match="does not compile"):
         render_chat_template("{% for %}", [{"role": "user", "content": "a"}])
 
