@@ -283,14 +283,15 @@ def compile_chat_template(source: str) -> jinja2.Template:
 
 
 def render_chat_template(source: str, messages: list[Message], add_generation_prompt: bool = True,
-                         **variables: Any) -> str:
+                         variables: Optional[dict[str, Any]] = None) -> str:
     """The text of `messages` in a Jinja chat template; ``variables``: the special tokens and any
     template options (e.g. Qwen3's ``enable_thinking``). A template that refuses the conversation
     (or fails on it) is a ValueError with its message."""
     template = compile_chat_template(source)
+    context = {**(variables or {}), "messages": messages, "tools": None, "documents": None,
+               "add_generation_prompt": add_generation_prompt}
     try:
-        return template.render(messages=messages, tools=None, documents=None,
-                               add_generation_prompt=add_generation_prompt, **variables)
+        return template.render(context)
     except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
         raise ValueError(f"the chat template refused the conversation: {e}") from None
 
@@ -334,18 +335,20 @@ class ChatFormat:
                             f"no {CHAT_TEMPLATE_FILE}) and no ChatML tokens: it can only complete text")
         return self.template
 
-    def render(self, messages: list[Message], add_generation_prompt: bool = True, **variables: Any) -> str:
-        """The prompt as text (for ChatML: exactly what the ids spell)."""
+    def render(self, messages: list[Message], add_generation_prompt: bool = True,
+               variables: Optional[dict[str, Any]] = None) -> str:
+        """The prompt as text (for ChatML: exactly what the ids spell); ``variables`` (e.g.
+        ``{"enable_thinking": False}``) go to the template, besides the special tokens."""
         _check_shape(messages)
-        reserved = sorted(set(variables) & set(RESERVED_VARIABLES))
+        reserved = sorted(set(variables or {}) & set(RESERVED_VARIABLES))
         if reserved:
             raise ValueError(f"chat template variables cannot be set: {', '.join(reserved)}")
         source = CHAT_TEMPLATE if self.chatml is not None else self._template()
-        return render_chat_template(source, messages, add_generation_prompt, **{**self.special_tokens, **variables})
+        return render_chat_template(source, messages, add_generation_prompt, {**self.special_tokens, **(variables or {})})
 
-    def encode_prompt(self, messages: list[Message], **variables: Any) -> list[int]:
+    def encode_prompt(self, messages: list[Message], variables: Optional[dict[str, Any]] = None) -> list[int]:
         """Prompt ids ending with the assistant's generation header; ``variables`` go to a Jinja template."""
         _check_shape(messages)
         if self.chatml is not None:
             return encode_prompt(self.chatml, messages)
-        return self._tok.encode(self.render(messages, True, **variables), add_special_tokens=False).ids
+        return self._tok.encode(self.render(messages, True, variables), add_special_tokens=False).ids

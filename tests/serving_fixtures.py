@@ -116,7 +116,7 @@ class ScriptedEngine:
         self._n = 0
         self.fail_next_step: Optional[Exception] = None
 
-    def encode_chat(self, messages: list[dict[str, str]], **template_kwargs: Any) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], template_kwargs: Optional[dict] = None) -> list[int]:
         text = "".join(f"{IM_END}{m['role']}\n{m['content']}" for m in messages)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 

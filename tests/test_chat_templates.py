@@ -72,7 +72,7 @@ def test_template_options_reach_the_template(tmp_path):
     fmt = ChatFormat(directory / "tokenizer.json")
     text, ids = _reference(directory, messages, enable_thinking=False)
     assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert fmt.encode_prompt(messages, enable_thinking=False) == ids
+    assert fmt.encode_prompt(messages, {"enable_thinking": False}) == ids
     assert fmt.encode_prompt(messages) != ids
 
 
@@ -86,7 +86,7 @@ def test_refusals_and_template_errors_are_value_errors(tmp_path):
     with pytest.raises(ValueError, match="no messages"):
         fmt.encode_prompt([])
     with pytest.raises(ValueError, match="cannot be set: messages"):
-        fmt.encode_prompt([{"role": "user", "content": "a"}], messages=[])
+        fmt.encode_prompt([{"role": "user", "content": "a"}], {"messages": [], "source": 1})
     with pytest.raises(UserError, match="does not compile"):
         render_chat_template("{% for %}", [{"role": "user", "content": "a"}])
 

@@ -94,7 +94,7 @@ class LLM:
         of turn. ``chat_template_kwargs`` reach the template (e.g. ``{"enable_thinking": False}``)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         engine = self.engine
-        prompts = [engine.encode_chat(c, **(chat_template_kwargs or {})) for c in conversations]
+        prompts = [engine.encode_chat(c, chat_template_kwargs) for c in conversations]
         if params is None or isinstance(params, SamplingParams):
             params = [params if params is not None else engine.sampling_params()] * len(prompts)
         stops = engine.chat_stop_token_ids
@@ -102,5 +102,5 @@ class LLM:
                   for p in params]
         outputs = self.generate(prompts, params)
         for out, conversation in zip(outputs, conversations):
-            out.prompt = engine.chat_format.render(conversation, **(chat_template_kwargs or {}))
+            out.prompt = engine.chat_format.render(conversation, True, chat_template_kwargs)
         return outputs

@@ -262,11 +262,12 @@ class LLMEngine:
             self._chat_format = ChatFormat(self._tokenizer_file)
         return self._chat_format
 
-    def encode_chat(self, messages: list[dict[str, str]], **template_kwargs: object) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, str]], template_kwargs: Optional[dict[str, object]] = None
+                    ) -> list[int]:
         """Prompt ids of a conversation in the model's chat template, ending with the assistant
-        header; ``template_kwargs`` reach a Jinja template (e.g. ``enable_thinking``). ValueError when
-        the template refuses the conversation, UserError when the model has no chat template."""
-        return self.chat_format.encode_prompt(messages, **template_kwargs)
+        header; ``template_kwargs`` reach a Jinja template (e.g. ``{"enable_thinking": False}``).
+        ValueError when the template refuses the conversation, UserError when the model has none."""
+        return self.chat_format.encode_prompt(messages, template_kwargs)
 
     @property
     def chat_stop_token_ids(self) -> list[int]:

@@ -165,7 +165,7 @@ async def chat_completion(ctx: ServingContext, req: ChatCompletionRequest, reque
         raise ApiError(400, "'top_logprobs' requires 'logprobs' to be true.", "top_logprobs")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
-        prompt = ctx.engine.encode_chat(messages, **(req.chat_template_kwargs or {}))
+        prompt = ctx.engine.encode_chat(messages, req.chat_template_kwargs)
         stop_ids = list(ctx.engine.chat_stop_token_ids)
     except (ValueError, UserError) as e:  # the template refused the conversation / the model has none
         raise _bad_request(e, "messages") from None
