@@ -296,8 +296,12 @@ def render_chat_template(source: str, messages: list[Message], add_generation_pr
         raise ValueError(f"the chat template refused the conversation: {e}") from None
 
 
-def _check_shape(messages: list[Message]) -> None:
-    """ValueError unless a non-empty list of {"role": str, "content": str} (the template judges the rest)."""
+def _check_shape(messages: list[Message], variables: Optional[dict[str, Any]] = None) -> None:
+    """ValueError unless a non-empty list of {"role": str, "content": str} (the template judges the
+    rest) and template variables that leave the renderer's own alone."""
+    reserved = sorted(set(variables or {}) & set(RESERVED_VARIABLES))
+    if reserved:
+        raise ValueError(f"chat template variables cannot be set: {', '.join(reserved)}")
     if not messages:
         raise ValueError("no messages")
     for i, m in enumerate(messages):
@@ -339,16 +343,13 @@ class ChatFormat:
                variables: Optional[dict[str, Any]] = None) -> str:
         """The prompt as text (for ChatML: exactly what the ids spell); ``variables`` (e.g.
         ``{"enable_thinking": False}``) go to the template, besides the special tokens."""
-        _check_shape(messages)
-        reserved = sorted(set(variables or {}) & set(RESERVED_VARIABLES))
-        if reserved:
-            raise ValueError(f"chat template variables cannot be set: {', '.join(reserved)}")
+        _check_shape(messages, variables)
         source = CHAT_TEMPLATE if self.chatml is not None else self._template()
         return render_chat_template(source, messages, add_generation_prompt, {**self.special_tokens, **(variables or {})})
 
     def encode_prompt(self, messages: list[Message], variables: Optional[dict[str, Any]] = None) -> list[int]:
         """Prompt ids ending with the assistant's generation header; ``variables`` go to a Jinja template."""
-        _check_shape(messages)
+        _check_shape(messages, variables)
         if self.chatml is not None:
             return encode_prompt(self.chatml, messages)
         return self._tok.encode(self.render(messages, True, variables), add_special_tokens=False).ids

@@ -8,7 +8,8 @@ its own parameters. The processing order, per row:
      its logit divided by r when positive, multiplied by r when negative;
    - presence / frequency penalties (OpenAI API formula), over OUTPUT tokens only:
      logit -= count * frequency_penalty + (count > 0) * presence_penalty;
-2. temperature == 0: greedy argmax of the penalised logits; otherwise divide by temperature;
+2. temperature below `SAMPLING_EPS` (0 in practice; as vLLM): greedy argmax of the penalised
+   logits; otherwise divide by temperature;
 3. truncation, each on the distribution left by the previous one: top-k (keep the k largest),
    top-p / nucleus (Holtzman et al., 2019: keep the smallest set whose probability reaches p,
    always at least the most likely token), min-p (Nguyen et al., 2024: drop tokens whose
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit on top_logprobs
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy (vLLM's threshold; dividing by less overflows)
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 # What a model's generation_config.json may set as defaults (the fields vLLM takes from it)
 GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
@@ -41,7 +43,7 @@ GENERATION_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition
 class SamplingParams:
     """How one request is sampled and when it stops. Bad values raise ValueError (one line)."""
 
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below SAMPLING_EPS) = greedy
     top_p: float = 1.0  # (0, 1]; 1 = off
     top_k: int = 0  # 0 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
@@ -83,7 +85,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < SAMPLING_EPS
 
 
 def with_generation_defaults(defaults: dict[str, float], **fields: object) -> SamplingParams:
@@ -218,7 +220,7 @@ def sample(
         if any(p.top_k or p.top_p < 1 or p.min_p for p in params):  # the mask costs a (B, V) sort
             removed = top_k_top_p_min_p_mask(
                 logits,
-                torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+                torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], dtype=torch.long, device=device),
                 column([p.top_p for p in params]),
                 column([p.min_p for p in params]),
             )

@@ -64,7 +64,7 @@ def sampling_distributions(
     logprobs = logits.log_softmax(dim=-1)  # (N, V)
     if any(p.top_k or p.top_p < 1 or p.min_p for p in params):
         removed = top_k_top_p_min_p_mask(
-            logits, torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+            logits, torch.tensor([min(p.top_k, logits.shape[-1]) for p in params], dtype=torch.long, device=device),
             column([p.top_p for p in params]), column([p.min_p for p in params]),
         )
         logits = logits.masked_fill(removed, float("-inf"))
