@@ -14,7 +14,7 @@ from typing import Any, Literal, Optional
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator, model_validator
 
 from eval.tasks import TASK_NAMES, unknown_task_message
-from utils.config import RepoPath, Section
+from utils.config import RecipeSection, RepoPath, Section
 
 
 class EvalModelConfig(Section):
@@ -80,6 +80,7 @@ class OutputConfig(Section):
 
 class EvalConfig(Section):
     stage: Literal["eval"] = "eval"
+    recipe: Optional[RecipeSection] = None  # a recipe's 4_eval.yaml: the stage it evaluates
     model: EvalModelConfig = Field(default_factory=EvalModelConfig)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     output: OutputConfig = Field(default_factory=OutputConfig)

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.config import EvalConfig  # noqa: E402
-from utils.config import apply_overrides, find_config_file, read_yaml, to_plain, to_yaml, validate  # noqa: E402
+from utils.config import apply_overrides, check_recipe_needs, find_config_file, read_yaml, to_plain, to_yaml, validate  # noqa: E402
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.paths import RUNS_DIR, shared_data_dir  # noqa: E402
 
@@ -82,7 +82,10 @@ def build_config(args: argparse.Namespace) -> EvalConfig:
     if args.checkpoint is not None or args.base_url is not None:  # a flag's source replaces the file's
         other = "base_url" if args.checkpoint is not None else "checkpoint"
         data["model"].pop(other, None)
-    return validate(data, EvalConfig)
+    cfg = validate(data, EvalConfig)
+    if args.checkpoint is None and args.base_url is None:  # a recipe's model, not one named on the command line
+        check_recipe_needs(cfg.recipe)
+    return cfg
 
 
 def default_name(cfg: EvalConfig) -> str:

@@ -53,10 +53,11 @@ def start_run(cfg: ExperimentConfig, stage: str, dist: DistInfo, resume: Optiona
     rather than mixing two runs' checkpoints and metrics.
     """
     cfg.logging.run_name = broadcast_object(cfg.logging.run_name)
-    run = RunDir(cfg.logging.runs_dir, stage, cfg.logging.run_name)
+    run = RunDir(cfg.logging.runs_dir, stage, cfg.logging.run_name, cfg.logging.run_dir)
     if resume is None and list_checkpoints(run.checkpoints):
+        key = "logging.run_dir=<new dir>" if cfg.logging.run_dir is not None else "logging.run_name=<new name>"
         raise UserError(f"{run.root} already holds checkpoints: continue it with --resume auto, or start a new "
-                        "run with --set logging.run_name=<new name>")
+                        f"run with --set {key}")
     if dist.is_main:
         run.create(cfg)
     barrier()

@@ -19,8 +19,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class RunDir:
     """Paths of one run and the writers for its config, metrics and log."""
 
-    def __init__(self, runs_dir: Path, stage: str, run_name: str):
-        self.root = Path(runs_dir) / stage / run_name
+    def __init__(self, runs_dir: Path, stage: str, run_name: str, run_dir: Optional[Path] = None):
+        self.root = Path(run_dir) if run_dir is not None else Path(runs_dir) / stage / run_name
         self.config_path = self.root / "config.yaml"
         self.metrics_path = self.root / "metrics.jsonl"
         self.checkpoints = self.root / "checkpoints"
