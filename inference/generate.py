@@ -22,7 +22,6 @@ import sys
 import time
 from typing import Any
 
-from data_pipeline.formats import IM_END
 from utils.errors import UserError, cli_main
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -73,18 +72,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.num_speculative_tokens < 1:
         raise UserError(f"--num_speculative_tokens must be >= 1, got {args.num_speculative_tokens}")
     build_params(args, args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, [])  # bad flags fail before the model loads
-    from inference.engine.llm_engine import LLMEngine
+    from inference.engine.llm_engine import LLMEngine, encode_text
 
     engine = LLMEngine(args.checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype, max_num_seqs=1,
                        draft_checkpoint=args.draft, num_speculative_tokens=args.num_speculative_tokens)
     if engine.tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
-    if args.chat:
-        prompt_ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
-        im_end = engine.tokenizer.token_to_id(IM_END)
-        stop_ids = [im_end] if im_end is not None else []
-    else:
-        prompt_ids = engine.tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    if args.chat:  # the model's chat template; the turn ends at its eos ids (+ ChatML's <|im_end|>)
+        try:
+            prompt_ids = engine.encode_chat([{"role": "user", "content": args.prompt}])
+        except ValueError as e:  # the template refused the message
+            raise UserError(str(e)) from None
+        stop_ids = list(engine.chat_stop_token_ids)
+    else:  # with the BOS the tokenizer adds, as LLM.generate and the server do
+        prompt_ids = encode_text(engine.tokenizer, args.prompt)
         stop_ids = []
     if not prompt_ids:
         raise UserError("the prompt is empty")
