@@ -16,7 +16,9 @@ from trainer.losses import (
     count_targets,
     cross_entropy_sum,
     micro_batch_objective,
-    mtp_loss_sum,
+    mtp_depth_losses,
+    mtp_targets,
+    term_counts,
 )
 from trainer_fixtures import ListLoader, make_trainer, tiny_config, one_thread  # noqa: F401 (autouse fixture)
 
@@ -40,16 +42,63 @@ def test_count_targets_and_objective_by_hand() -> None:
     assert micro_batch_objective(no_aux, global_tokens=4, world_size=1, grad_accum=1).item() == pytest.approx(1.5)
 
 
-def test_mtp_loss_sum_aligns_depths_with_shifted_labels() -> None:
+def test_mtp_depths_align_with_shifted_labels() -> None:
     labels = torch.tensor([[5, 6, 7, 8]])
     # depth 1 predicts labels[:, 1:] = [6, 7, 8]; put all mass on those → zero loss
     good = F.one_hot(torch.tensor([[6, 7, 8]]), 10).float() * 100
-    weighted, logged = mtp_loss_sum([good], labels, weight=0.3)
-    assert logged.item() == pytest.approx(0.0, abs=1e-6)
-    uniform = torch.zeros(1, 3, 10)  # CE = ln 10 on each of 3 targets
-    weighted, logged = mtp_loss_sum([uniform], labels, weight=0.3)
-    assert logged.item() == pytest.approx(3 * math.log(10), abs=1e-5)
-    assert weighted.item() == pytest.approx(0.9 * math.log(10), abs=1e-5)
+    [(ce, n)] = mtp_depth_losses([good], labels)
+    assert ce.item() == pytest.approx(0.0, abs=1e-6) and n == 3
+    uniform = [torch.zeros(1, 3, 10), torch.zeros(1, 2, 10)]  # CE = ln 10 on each target
+    [(ce1, n1), (ce2, n2)] = mtp_depth_losses(uniform, labels)
+    assert (n1, n2) == (3, 2)  # depth k has T - k targets
+    assert ce1.item() == pytest.approx(3 * math.log(10), abs=1e-5)
+    assert ce2.item() == pytest.approx(2 * math.log(10), abs=1e-5)
+
+
+def test_mtp_targets_never_cross_a_document_boundary() -> None:
+    """Issue 14, defect 11. One packed row of documents [a0 a1 a2 | b0 b1 | c0 c1 c2]: the
+    depth-k target of position i is labels[i + k], kept only when position i + k is in i's
+    document."""
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]])
+    labels = torch.tensor([[11, 12, 13, 14, 15, 16, 17, 18]])  # labels[j] = the token after position j
+    x = IGNORE_INDEX
+    assert mtp_targets(labels, doc_ids, 1).tolist() == [[12, 13, x, 15, x, 17, 18]]
+    assert mtp_targets(labels, doc_ids, 2).tolist() == [[13, x, x, x, x, 18]]
+    assert mtp_targets(labels, None, 2).tolist() == [[13, 14, 15, 16, 17, 18]]  # no doc_ids: one stream
+    masked = labels.clone()
+    masked[0, 6] = x  # a target the main loss ignores stays ignored
+    assert mtp_targets(masked, doc_ids, 1).tolist() == [[12, 13, x, 15, x, x, 18]]
+
+
+def test_mtp_loss_by_hand_in_a_packed_row() -> None:
+    """DeepSeek-V3 eq. 25 with each depth normalised by its own targets (issue 14, defect 11):
+    objective = CE_main / N_main + λ / D · Σ_k CE_k / N_k, by hand from the model's logits."""
+    cfg = tiny_config(Path("."), Path("."), model={"mtp_depth": 2, "mtp_loss_weight": 0.5}).model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    tokens = torch.randint(4, cfg.vocab_size, (2, 9))
+    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 1, 1]])
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 5, 0, 1]])
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "doc_ids": doc_ids, "position_ids": position_ids}
+    out = causal_lm_loss(model, batch)
+
+    hidden = model.forward_hidden(batch["input_ids"], positions=position_ids, doc_ids=doc_ids)
+    mtp = model.mtp_logits(hidden, batch["input_ids"], positions=position_ids, doc_ids=doc_ids)
+    by_hand = []
+    for k, logits in enumerate(mtp, start=1):  # keep position i when i and i + k share a document
+        keep = [(r, i) for r in range(2) for i in range(8 - k) if doc_ids[r, i] == doc_ids[r, i + k]]
+        ce = sum(F.cross_entropy(logits[r, i], batch["labels"][r, i + k]) for r, i in keep)
+        by_hand.append((ce, len(keep)))
+    assert [n for _, n in by_hand] == [12, 8]  # depth 1: 14 positions, 2 cross; depth 2: 12, 4 cross
+    assert term_counts(model, batch) == out.term_counts == {"mtp/1": 12, "mtp/2": 8}
+    for k, (ce, _) in enumerate(by_hand, start=1):
+        assert out.sums[f"mtp/{k}"].item() == pytest.approx(ce.item(), rel=1e-5)
+
+    objective = micro_batch_objective(out, 16, world_size=1, grad_accum=1, global_counts=out.term_counts)
+    expected = out.sums["ce"] / 16 + 0.5 / 2 * sum(ce / n for ce, n in by_hand)
+    assert objective.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(RuntimeError, match="no step count"):
+        micro_batch_objective(out, 16, world_size=1, grad_accum=1)
 
 
 def test_causal_lm_loss_matches_mean_cross_entropy() -> None:
@@ -65,7 +114,7 @@ def test_causal_lm_loss_matches_mean_cross_entropy() -> None:
     assert (out.loss_sum / out.n_tokens).item() == pytest.approx(ref.item(), rel=1e-6)
 
 
-def test_causal_lm_loss_adds_weighted_mtp_term() -> None:
+def test_causal_lm_loss_adds_weighted_mtp_terms() -> None:
     cfg = tiny_config(Path("."), Path("."), model={"mtp_depth": 2, "mtp_loss_weight": 0.5}).model
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -73,11 +122,12 @@ def test_causal_lm_loss_adds_weighted_mtp_term() -> None:
     batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
     out = causal_lm_loss(model, batch)
     hidden = model.forward_hidden(batch["input_ids"])
-    depth_sums = [cross_entropy_sum(lg, batch["labels"][:, k:])[0] for k, lg in
-                  enumerate(model.mtp_logits(hidden, batch["input_ids"]), start=1)]
-    expected = out.sums["ce"] + 0.5 * torch.stack(depth_sums).mean()
-    assert out.loss_sum.item() == pytest.approx(expected.item(), rel=1e-6)
-    out.loss_sum.backward()
+    depths = mtp_depth_losses(model.mtp_logits(hidden, batch["input_ids"]), batch["labels"])
+    assert out.loss_sum.item() == pytest.approx(out.sums["ce"].item(), rel=1e-6)  # the main loss alone
+    for k, (ce, n) in enumerate(depths, start=1):
+        assert out.terms[f"mtp/{k}"].item() == pytest.approx(0.25 * ce.item(), rel=1e-6)
+        assert out.term_counts[f"mtp/{k}"] == n == 2 * (8 - k)
+    out.terms["mtp/2"].backward()
     assert model.mtp[1].proj.weight.grad is not None  # the MTP modules train
 
 
@@ -118,5 +168,41 @@ def test_grad_accumulation_equals_mean_over_all_targets(tmp_path: Path, accum: i
     trainer = make_trainer(cfg, model, ListLoader(micro), tmp_path, optimizer_factory=_sgd)
     stats = trainer.train_step()
     assert stats["loss"] == pytest.approx(ref_loss.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_mtp_depths_are_normalised_over_the_whole_step(tmp_path: Path, accum: int) -> None:
+    """Micro-batches whose rows hold different numbers of documents (so different depth-k
+    target counts) accumulate to one batch's objective: each MTP depth is a mean over all
+    its targets of the step, counted before the forward and all-reduced like the main count."""
+    from data_pipeline.loader import document_ids_and_positions
+
+    cfg = tiny_config(tmp_path, tmp_path / "runs", model={"mtp_depth": 2, "mtp_loss_weight": 0.5}, training={
+        "grad_accum_steps": accum, "batch_size": 4 // accum, "lr_schedule": "constant", "warmup_steps": 0,
+        "grad_clip": 0.0, "spike_guard": False})
+    batch = _masked_batch()
+    batch["input_ids"][0, [2, 5]] = 0  # EOS: row 0 holds three documents, row 1 two, the others one
+    batch["input_ids"][1, 3] = 0
+    batch.update(document_ids_and_positions(batch["input_ids"], eos_id=0))
+    torch.manual_seed(0)
+    ref_model = build_model(cfg.model)
+    out = causal_lm_loss(ref_model, batch)
+    counts = term_counts(ref_model, batch)
+    ref_loss = micro_batch_objective(out, count_targets(batch), 1, 1, global_counts=counts)
+    ref_loss.backward()
+    expected = {n: (p - p.grad).detach() for n, p in ref_model.named_parameters()}  # SGD, lr 1
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    rows = 4 // accum
+    micro = [{k: v[i * rows:(i + 1) * rows] for k, v in batch.items()} for i in range(accum)]
+    if accum > 1:  # uneven: a mean of per-micro-batch means would weigh them wrongly
+        assert [term_counts(model, m) for m in micro] == [{"mtp/1": 6, "mtp/2": 2}, {"mtp/1": 5, "mtp/2": 5}]
+    trainer = make_trainer(cfg, model, ListLoader(micro), tmp_path, optimizer_factory=_sgd)
+    stats = trainer.train_step()
+    assert stats["loss"] == pytest.approx(ref_loss.item(), rel=1e-6)
+    assert stats["sums"]["mtp/1"] == pytest.approx(out.sums["mtp/1"].item() / counts["mtp/1"], rel=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -8,14 +8,14 @@ A stage is *data + a loss function + which parameters train*, never a copy of th
     trainer.resume("auto")    # optional
     trainer.fit()
 
-One optimizer step: draw `grad_accum_steps` micro-batches, count their targets and all-reduce
-the count, then forward/backward each micro-batch with its share of the mean loss over all
-targets of the step (`trainer.losses.micro_batch_objective`; gradient sync only on the last
-micro-batch), unscale (fp16), clip, let the spike guard judge the step, and either update
-(optimizer, MoE balancing biases) or skip / roll back. Then log, evaluate, sample and save
-on their intervals. AMP through `torch.autocast` (bf16, or fp16 with a `GradScaler`),
-`torch.compile` with a warning fallback, DDP / FSDP2 from `trainer.distributed`; rank 0 alone
-logs and writes.
+One optimizer step: draw `grad_accum_steps` micro-batches, count their targets (and each
+objective term's own, e.g. the MTP depths') and all-reduce the counts, then forward/backward
+each micro-batch with its share of the mean loss over all targets of the step
+(`trainer.losses.micro_batch_objective`; gradient sync only on the last micro-batch),
+unscale (fp16), clip, let the spike guard judge the step, and either update (optimizer, MoE
+balancing biases) or skip / roll back. Then log, evaluate, sample and save on their intervals.
+AMP through `torch.autocast` (bf16, or fp16 with a `GradScaler`), `torch.compile` with a
+warning fallback, DDP / FSDP2 from `trainer.distributed`; rank 0 alone logs and writes.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ from model.moe import moe_load_stats, moe_modules, update_moe_biases
 from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, wrap_model
 from trainer.evaluation import TextSampler, evaluate, to_device
-from trainer.losses import Batch, LossFn, batch_tokens, count_targets, micro_batch_objective
+from trainer.losses import Batch, LossFn, batch_tokens, count_targets, micro_batch_objective, step_counts, step_means
 from trainer.metrics import MetricsLogger, Throughput, mfu, peak_flops, peak_memory_gb
 from trainer.optim import build_optimizer, set_lr
 from trainer.schedule import lr_multiplier
@@ -227,30 +227,37 @@ class Trainer:
         """All micro-batches of one step; returns the step's global mean loss and logged sums."""
         accum = self.tcfg.grad_accum_steps
         micro = [to_device(next(self.train_data), self.device) for _ in range(accum)]
-        counts = torch.tensor([sum(self.count_fn(b) for b in micro)], dtype=torch.int64, device=self.device)
-        global_tokens = max(int(all_reduce_sum(counts).item()), 1)
+        local_counts = step_counts(self.base, micro, self.count_fn)  # main targets + each term's own
+        count_names = list(local_counts)
+        reduced = all_reduce_sum(torch.tensor([local_counts[k] for k in count_names], dtype=torch.int64,
+                                              device=self.device))
+        counts = {k: max(int(v), 1) for k, v in zip(count_names, reduced.tolist())}
         sums: dict[str, torch.Tensor] = {}
+        terms: dict[str, torch.Tensor] = {}
         aux = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro):
-            out = self._loss_and_backward(batch, global_tokens, is_last=i == accum - 1)
+            out = self._loss_and_backward(batch, counts, is_last=i == accum - 1)
             for k, v in {"loss": out.loss_sum, **out.sums}.items():
                 sums[k] = sums.get(k, 0) + v.detach().double()
+            for k, v in out.terms.items():
+                terms[k] = terms.get(k, 0) + v.detach().double()
             if out.aux_loss is not None:
                 aux += out.aux_loss.detach().double() / accum
-        names = list(sums)
-        packed = all_reduce_sum(torch.stack([sums[k] for k in names] + [aux]))
-        values = (packed[:-1] / global_tokens).tolist()  # per-target means over the whole step
-        logged = dict(zip(names[1:], values[1:]))
+        names, term_names = list(sums), list(terms)
+        packed = all_reduce_sum(torch.stack([sums[k] for k in names] + [terms[k] for k in term_names] + [aux]))
+        flat = packed.tolist()
+        logged = step_means(dict(zip(names, flat)), counts)  # per-target means over the whole step
+        loss = logged.pop("loss") + sum(step_means(dict(zip(term_names, flat[len(names):-1])), counts).values())
         if out.aux_loss is not None:
-            logged["aux"] = packed[-1].item() / self.dist.world_size  # mean over micro-batches and ranks
+            logged["aux"] = flat[-1] / self.dist.world_size  # mean over micro-batches and ranks
         local = sum(batch_tokens(b) or self.count_fn(b) for b in micro)
         self.throughput.add(local * self.dist.world_size)
-        return {"loss": values[0], "sums": logged, "tokens": local * self.dist.world_size}
+        return {"loss": loss, "sums": logged, "tokens": local * self.dist.world_size}
 
-    def _loss_and_backward(self, batch: Batch, global_tokens: int, is_last: bool):
+    def _loss_and_backward(self, batch: Batch, counts: dict[str, int], is_last: bool):
         """One micro-batch; the first one under torch.compile falls back to eager on failure."""
         try:
-            out = self._micro_step(batch, global_tokens, is_last)
+            out = self._micro_step(batch, counts, is_last)
         except Exception as e:  # compile failures come in many exception types
             if not self._compile_pending:
                 raise
@@ -260,15 +267,16 @@ class Trainer:
             self.model = self.eager_model
             self._compile_pending = False
             self.optimizer.zero_grad(set_to_none=True)
-            out = self._micro_step(batch, global_tokens, is_last)
+            out = self._micro_step(batch, counts, is_last)
         self._compile_pending = False
         return out
 
-    def _micro_step(self, batch: Batch, global_tokens: int, is_last: bool):
+    def _micro_step(self, batch: Batch, counts: dict[str, int], is_last: bool):
         with no_sync_context(self.model, is_last):
             with self.amp():
                 out = self.loss_fn(self.model, batch)
-            loss = micro_batch_objective(out, global_tokens, self.dist.world_size, self.tcfg.grad_accum_steps)
+            loss = micro_batch_objective(out, counts["targets"], self.dist.world_size, self.tcfg.grad_accum_steps,
+                                         global_counts=counts)
             self.scaler.scale(loss).backward()
         return out
 

@@ -34,28 +34,32 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], loss_fn: LossFn, num_ba
     """Validation over `num_batches` batches per rank: ``val_loss`` (the mean cross-entropy
     when the loss logs one as ``ce``, else the mean of the loss itself), ``val_ppl`` (for
     cross-entropy), and ``val_<name>`` for every other logged sum (e.g. ``val_rewards/accuracies``
-    of preference training), each a mean over all ranks' targets."""
+    of preference training), each a mean over all ranks' targets (an objective term's own
+    targets for a term's sum, e.g. ``val_mtp/1``)."""
     was_training = model.training
     model.eval()
     names: list[str] = []
     has_ce = False
-    totals: Optional[torch.Tensor] = None  # (sum of the loss, sums of the logged values..., target count)
+    totals: Optional[torch.Tensor] = None  # (sum of the loss, sums of the logged values..., their target counts)
     for _, batch in zip(range(num_batches), batches):
         batch = to_device(batch, device)
         with amp():
             out = loss_fn(model, batch)
         if totals is None:
             names, has_ce = [k for k in out.sums if k != "ce"], "ce" in out.sums
-            totals = torch.zeros(len(names) + 2, dtype=torch.float64, device=device)
+            totals = torch.zeros(2 * (len(names) + 1), dtype=torch.float64, device=device)
         values = [out.sums.get("ce", out.loss_sum)] + [out.sums[k] for k in names]
-        totals[:-1] += torch.stack([v.detach().double().reshape(()) for v in values])
-        totals[-1] += out.n_tokens
+        counts = [out.n_tokens] + [out.term_counts.get(k, out.n_tokens) for k in names]  # mtp/k: its own targets
+        n = len(values)
+        totals[:n] += torch.stack([v.detach().double().reshape(()) for v in values])
+        totals[n:] += torch.tensor(counts, dtype=torch.float64, device=device)
     if totals is None:
         raise UserError("validation got no batch: the validation data is empty")
     all_reduce_sum(totals)
     model.train(was_training)
-    means = (totals[:-1] / totals[-1].clamp(min=1)).tolist()
-    result = {"val_loss": means[0], "val_tokens": int(totals[-1].item())}
+    n = len(names) + 1
+    means = (totals[:n] / totals[n:].clamp(min=1)).tolist()
+    result = {"val_loss": means[0], "val_tokens": int(totals[n].item())}
     if has_ce or not names:  # a plain loss without logged sums is a cross-entropy too
         result["val_ppl"] = math.exp(min(means[0], 50.0))
     result.update({f"val_{k}": v for k, v in zip(names, means[1:])})

@@ -11,8 +11,11 @@ over ranks (DDP / FSDP gradient reduction), the gradient is then exactly that of
 loss over all target tokens of the step, whatever the padding or masking of each micro-batch
 — unlike averaging per-micro-batch means, which over-weights short micro-batches.
 
-Terms that are already means (the MoE sequence-wise balance loss, DeepSeek-V3 §2.1.2) travel
-separately as `LossOutput.aux_loss` and are averaged over micro-batches and ranks.
+Terms over targets of their own (the multi-token prediction depths, DeepSeek-V3 §2.2) travel
+as `LossOutput.terms`: each is divided by the step's global count of *its* targets, which
+`term_counts` reads off the batch before the forward like `count_targets`. Terms that are
+already means (the MoE sequence-wise balance loss, DeepSeek-V3 §2.1.2) travel separately as
+`LossOutput.aux_loss` and are averaged over micro-batches and ranks.
 """
 from __future__ import annotations
 
@@ -36,6 +39,10 @@ class LossOutput:
     n_tokens: int                      # how many targets `loss_sum` sums over
     aux_loss: Optional[Tensor] = None  # () a term that is already a mean (MoE balance loss)
     sums: dict[str, Tensor] = field(default_factory=dict)  # extra per-target sums to log, e.g. "ce"
+    # objective terms over targets of their own, by name: each is divided by the step's count of
+    # its targets (`term_counts`); a logged sum of the same name is a mean over them too
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    term_counts: dict[str, int] = field(default_factory=dict)  # this micro-batch's targets of each term
 
 
 LossFn = Callable[[Any, Batch], LossOutput]
@@ -65,30 +72,74 @@ def batch_tokens(batch: Batch) -> int:
     return sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
 
 
-def micro_batch_objective(out: LossOutput, global_tokens: int, world_size: int, grad_accum: int) -> Tensor:
+def micro_batch_objective(out: LossOutput, global_tokens: int, world_size: int, grad_accum: int,
+                          global_counts: Optional[dict[str, int]] = None) -> Tensor:
     """The scalar to back-propagate for one micro-batch.
 
-    ``loss_sum * world_size / global_tokens + aux_loss / grad_accum``: the `world_size`
-    factor undoes the gradient *averaging* of DDP / FSDP, so the step's gradient is that of
-    ``Σ loss_sum / global_tokens`` (+ the mean of the aux terms) over every micro-batch and rank.
+    ``loss_sum * world_size / global_tokens + Σ terms[name] * world_size / global_counts[name]
+    + aux_loss / grad_accum``: the `world_size` factor undoes the gradient *averaging* of DDP /
+    FSDP, so the step's gradient is that of ``Σ loss_sum / global_tokens`` plus each term's mean
+    over its own targets (+ the mean of the aux terms) over every micro-batch and rank.
     """
     loss = out.loss_sum * (world_size / max(global_tokens, 1))
+    for name, term in out.terms.items():
+        if global_counts is None or name not in global_counts:
+            raise RuntimeError(f"loss term {name!r} has no step count: trainer.losses.term_counts must count it")
+        loss = loss + term * (world_size / max(global_counts[name], 1))
     if out.aux_loss is not None:
         loss = loss + out.aux_loss / grad_accum
     return loss
 
 
-def mtp_loss_sum(mtp_logits: list[Tensor], labels: Tensor, weight: float) -> tuple[Tensor, Tensor]:
-    """DeepSeek-V3 multi-token prediction loss (§2.2, eq. 25) as a sum: ``weight / D · Σ_k CE_k``.
+def mtp_targets(labels: Tensor, doc_ids: Optional[Tensor], k: int) -> Tensor:
+    """Depth-k multi-token-prediction targets (B, T-k), lined up with ``mtp_logits[k-1]``.
 
-    ``mtp_logits[k-1]`` (B, T-k, V) predicts ``labels[:, k:]`` (depth k). Returns
-    (weighted sum to add to the main loss sum, unweighted mean-over-depths sum to log). Like the
-    main loss it is divided by the step's main target count, which over-counts depth k's
-    targets by about k/T per row (the last k positions have no target at depth k).
+    Position i's depth-k target is ``labels[:, i+k]`` (token t_{i+k+1}), the main target of
+    position i+k. In packed rows (`doc_ids` (B, T)) it is dropped (-100) where position i+k lies
+    in another document than i: the chain from h_i through the embeddings of t_{i+1..i+k}
+    would read across the boundary. This is Megatron-LM's MTP on packed sequences (labels rolled
+    within each sequence, the rolled-in ends masked); what a document's last position predicts
+    follows the main labels.
     """
-    depth_sums = [cross_entropy_sum(logits, labels[:, k:])[0] for k, logits in enumerate(mtp_logits, start=1)]
-    mean_sum = torch.stack(depth_sums).mean()
-    return weight * mean_sum, mean_sum.detach()
+    targets = labels[:, k:]  # (B, T-k)
+    if doc_ids is None:
+        return targets
+    crosses = doc_ids[:, k:] != doc_ids[:, :-k]  # (B, T-k)
+    return targets.masked_fill(crosses, IGNORE_INDEX)
+
+
+def mtp_depth_losses(mtp_logits: list[Tensor], labels: Tensor,
+                     doc_ids: Optional[Tensor] = None) -> list[tuple[Tensor, int]]:
+    """(summed cross-entropy, target count) of each MTP depth k = 1..D (`mtp_targets`)."""
+    return [cross_entropy_sum(logits, mtp_targets(labels, doc_ids, k)) for k, logits in enumerate(mtp_logits, start=1)]
+
+
+def term_counts(model: torch.nn.Module, batch: Batch) -> dict[str, int]:
+    """Targets of the objective terms `causal_lm_loss` adds for `model` on `batch`, known
+    before the forward: ``mtp/k`` for each multi-token prediction depth (none without MTP)."""
+    from trainer.distributed import unwrap
+
+    depth = _mtp_depth(unwrap(model))
+    if depth == 0 or "labels" not in batch:
+        return {}
+    return {f"mtp/{k}": count_targets({"labels": mtp_targets(batch["labels"], batch.get("doc_ids"), k)})
+            for k in range(1, depth + 1)}
+
+
+def step_counts(model: torch.nn.Module, micro: list[Batch], count_fn: Callable[[Batch], int]) -> dict[str, int]:
+    """This process's normalisers of one optimizer step: ``targets`` (`count_fn`, the main
+    loss) and every objective term's own targets (`term_counts`), summed over micro-batches."""
+    counts = {"targets": sum(count_fn(b) for b in micro)}
+    for b in micro:
+        for name, n in term_counts(model, b).items():
+            counts[name] = counts.get(name, 0) + n
+    return counts
+
+
+def step_means(sums: dict[str, float], counts: dict[str, int]) -> dict[str, float]:
+    """Per-target means of a step's reduced sums: a name with a count of its own (``mtp/k``)
+    is divided by it, every other by the main ``targets`` count."""
+    return {k: v / max(counts.get(k, counts["targets"]), 1) for k, v in sums.items()}
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> LossOutput:
@@ -96,7 +147,10 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> LossOutput:
 
     Optional batch keys, passed to the model: ``position_ids`` and ``doc_ids`` (document
     masking of packed rows). Models with multi-token prediction (``cfg.mtp_depth > 0``) add
-    ``mtp_loss_weight`` × the MTP loss; MoE models add their balance loss (``model.aux_loss()``).
+    DeepSeek-V3's MTP loss (§2.2, eq. 25) ``λ / D · Σ_k L_k``, λ = ``mtp_loss_weight``, as terms
+    ``mtp/k``: L_k is the mean cross-entropy over depth k's own targets (`mtp_targets`, never
+    across a document boundary); the per-depth means are logged as ``mtp/k``. MoE models add
+    their balance loss (``model.aux_loss()``).
     """
     from trainer.distributed import unwrap
 
@@ -109,9 +163,11 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> LossOutput:
     if capture is not None:
         hidden, capture.hidden = capture.hidden, None  # (B, T, D)
         mtp = base.mtp_logits(hidden, batch["input_ids"], positions=positions, doc_ids=doc_ids)
-        weighted, logged = mtp_loss_sum(mtp, batch["labels"], base.cfg.mtp_loss_weight)
-        out.loss_sum = out.loss_sum + weighted
-        out.sums["mtp"] = logged
+        weight = base.cfg.mtp_loss_weight / len(mtp)
+        for k, (ce_k, n_k) in enumerate(mtp_depth_losses(mtp, batch["labels"], doc_ids), start=1):
+            out.terms[f"mtp/{k}"] = weight * ce_k
+            out.sums[f"mtp/{k}"] = ce_k.detach()
+            out.term_counts[f"mtp/{k}"] = n_k
     out.aux_loss = model_aux_loss(base)
     return out
 
