@@ -24,7 +24,7 @@ class RequestOutput:
     """One finished completion."""
 
     request_id: str
-    prompt: Optional[str]  # None when the prompt was given as token ids
+    prompt: Optional[str]  # the prompt text (for LLM.chat: as rendered); None when given as token ids
     prompt_token_ids: list[int]
     text: str
     token_ids: list[int]  # the generated tokens (a final eos / stop token included)
