@@ -1,7 +1,7 @@
 """OpenAI chat and text completions on top of the engine: requests in, JSON or SSE out.
 
-A request becomes token ids (the model's chat template through `engine.encode_chat`, or the raw
-prompt) and one `SamplingParams` per choice (`n` choices = `n` engine sequences, choice i
+A request becomes token ids (the model's chat template through `engine.encode_chat`, or the
+prompt as the tokenizer encodes it, with its BOS as in vLLM; token ids as given) and one `SamplingParams` per choice (`n` choices = `n` engine sequences, choice i
 seeded with `seed + i`; sampling fields left unset take the model's generation_config.json
 defaults, as in vLLM), checked against the context length, and is submitted to the shared
 `AsyncEngine` as one `GenerationStream`. Non-streaming answers collect the stream; streaming
