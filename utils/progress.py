@@ -39,7 +39,7 @@ class LineProgress:
                  interval: float = LINE_INTERVAL_S) -> None:
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)  # type: ignore[arg-type]
-        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
+        self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit.strip()  # tqdm's " rows" style
         self.n = self.shown = initial
         self.stream = stream or sys.stderr
         self.interval = interval

@@ -72,7 +72,7 @@ def local_stories(path: Path, text_field: str) -> list[str]:
 def builtin_stories(split: str, n: int, seed: int) -> list[str]:
     start = 0 if split == "train" else VALIDATION_START
     return [generate_story(seed, start + i).text
-            for i in progress(range(n), desc="built-in stories", unit="stories", leave=False)]
+            for i in progress(range(n), desc="built-in stories", unit=" stories", leave=False)]
 
 
 def main(argv=None) -> None:

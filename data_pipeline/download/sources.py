@@ -86,7 +86,7 @@ def stream_hub(repo_id: str, config: Optional[str], split: str, limit: Optional[
     import datasets  # imported here: slow to import, and only needed online
 
     ds = datasets.load_dataset(repo_id, config, split=split, streaming=True)
-    with progress(total=limit, desc=desc, unit="rows", leave=False) as bar:
+    with progress(total=limit, desc=desc, unit=" rows", leave=False) as bar:
         for i, row in enumerate(ds):
             if limit is not None and i >= limit:
                 break
