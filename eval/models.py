@@ -136,14 +136,13 @@ class LocalLM:
         return self.tokenizer.decode(self.encode_chat(messages), skip_special_tokens=False)
 
     def encode_chat(self, messages: Messages) -> list[int]:
-        """Prompt ids of `messages` in the one chat template, ending with the assistant header."""
-        from tokenizers import Tokenizer
+        """Prompt ids of `messages` in the model's chat template (ChatML for models trained here, an
+        imported model's own template otherwise), ending with the assistant header."""
+        from data_pipeline.chat import ChatFormat
 
-        from data_pipeline.chat import ChatTokenizer, encode_prompt
-
-        if self._chat is None:  # its own copy: `wrap` switches off special-token parsing in text
-            self._chat = ChatTokenizer.wrap(Tokenizer.from_file(str(self.loaded.tokenizer_file)))
-        return encode_prompt(self._chat, messages)
+        if self._chat is None:
+            self._chat = ChatFormat(self.loaded.tokenizer_file)
+        return self._chat.encode_prompt(messages)
 
     # ------------------------------------------------------------------ log-likelihoods
     def loglikelihood(self, requests: Sequence[Loglikelihood], progress: Progress = _noop) -> list[tuple[float, bool]]:
@@ -286,10 +285,8 @@ class LocalLM:
         room = self.max_length - gen
         if isinstance(request.context, str):
             return self.tok_encode(request.context)[-room:], [], gen
-        from data_pipeline.formats import IM_END
-
-        im_end = self.tokenizer.token_to_id(IM_END)
-        return self.encode_chat(request.context)[-room:], [im_end] if im_end is not None else [], gen
+        prompt = self.encode_chat(request.context)[-room:]
+        return prompt, self._chat.stop_token_ids, gen  # the end of the turn, besides the eos ids
 
     def generate_until(self, requests: Sequence[GenerateUntil], progress: Progress = _noop) -> list[list[str]]:
         """``request.n`` completions per request (continuous batching over all of them)."""
