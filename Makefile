@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   — create .venv if missing, install, run the pipeline end to end on built-in data
+#   make demo   — create .venv if missing, install, run the README's quick start exactly as written
 #   make test   — create .venv if missing, install dev requirements, run the whole test suite
 PY      ?= python3
 VENV    ?= .venv
@@ -30,4 +30,4 @@ test: $(DEVSTAMP)
 	$(VPY) -m pytest -q
 
 clean-demo:
-	rm -rf data/demo runs/demo
+	rm -rf runs/classic/deepseek/v3_nano
