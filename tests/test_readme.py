@@ -23,6 +23,9 @@ Without a marker:
 - ``make test`` or ``pytest`` — skipped: it would run the test suite, and with it this test.
 - ``make demo`` or ``utils/demo.py`` — skipped: it runs the Quick start commands, which this
   test runs itself from the README.
+- ``pip install`` — skipped: the test runs in the environment it was started from (and must
+  not reinstall this checkout's editable package from the copy). Mark it ``# needs: the
+  network`` all the same, for the reader.
 - a command that already ran earlier in the walk (the same text, comments and spacing aside;
   config headers repeat the steps before them) — not run twice, reported with where it ran.
 """
@@ -103,6 +106,8 @@ def skip_reason(text: str) -> Optional[str]:
         return "runs the test suite, this test included"
     if re.search(r"\bmake demo\b|utils/demo\.py", bare):
         return "runs the Quick start commands, which this test runs itself from the README"
+    if re.search(r"\bpip install\b", bare):
+        return "installs packages; this test runs in the environment it was started from"
     return None
 
 
@@ -288,20 +293,21 @@ def test_readme_step_by_step_runs_as_written(tmp_path: Path) -> None:
 def test_parser_on_a_small_readme() -> None:
     md = "\n".join([
         "# T", "```bash", "python a.py && \\", "python b.py   # then b", "python c.py --x 1   # needs: a GPU",
-        "#   a continuation comment", "make test", "```", "text configs/x/y.yaml", "```python", "print(1)", "```",
+        "#   a continuation comment", "make test", "pip install -r r.txt", "```", "text configs/x/y.yaml", "```python", "print(1)", "```",
         "```bash", "# needs: several machines", "torchrun --nnodes=2 d.py", "```",
         "```bash", "python server.py   # API on :8000; runs until Ctrl-C", "```",
     ])
     blocks = bash_blocks(md)
-    assert [b[0] for b in blocks] == [3, 14, 18]
+    assert [b[0] for b in blocks] == [3, 15, 19]
     first = commands_in(blocks[0][1], blocks[0][0], "README.md")
     assert [(c.where, c.skip) for c in first] == [
         ("README.md:3", None), ("README.md:5", "needs a GPU"),
-        ("README.md:7", "runs the test suite, this test included")]
+        ("README.md:7", "runs the test suite, this test included"),
+        ("README.md:8", "installs packages; this test runs in the environment it was started from")]
     assert first[0].text == "python a.py && \\\npython b.py   # then b"
     assert strip_comment(first[0].text) == "python a.py && python b.py"
-    assert [c.skip for c in commands_in(blocks[1][1], 14, "R")] == ["needs several machines"]
-    assert commands_in(blocks[2][1], 18, "R")[0].serve
+    assert [c.skip for c in commands_in(blocks[1][1], 15, "R")] == ["needs several machines"]
+    assert commands_in(blocks[2][1], 19, "R")[0].serve
     assert configs_named(md + " configs/x/y.yaml configs/a.yaml") == ["configs/x/y.yaml", "configs/a.yaml"]
     assert and_parts("a && b") == ["a && b", "a", "b"] and and_parts("a") == ["a"]
     assert split_line(md, "# T") == 1
