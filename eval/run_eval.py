@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eval.config import EvalConfig  # noqa: E402
-from utils.config import apply_overrides, check_recipe_needs, find_config_file, read_yaml, to_plain, to_yaml, validate  # noqa: E402
+from utils.config import (apply_overrides, check_recipe_needs, find_config_file, read_yaml, to_plain,  # noqa: E402
+                          to_yaml, validate)
 from utils.errors import UserError, cli_main  # noqa: E402
 from utils.paths import RUNS_DIR, shared_data_dir  # noqa: E402
 
@@ -131,7 +132,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     settings = TaskSettings(data_dir=data_dir, limit=e.limit, shots=e.shots, chat=e.chat,
                             samples_per_task=e.samples_per_task, temperature=e.temperature, top_p=e.top_p,
                             max_gen_toks=e.max_gen_toks, seed=e.seed, ppl_data=e.ppl_data, ppl_stride=e.ppl_stride,
-                            timeout=e.timeout, workers=e.workers)
+                            timeout=e.timeout, workers=e.workers, builtin_fallback=e.data_dir is None)
     tasks = [make_task(name, settings) for name in e.tasks]
     model = make_model(cfg)
     check_supported(tasks, model)

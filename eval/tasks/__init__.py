@@ -42,6 +42,9 @@ class TaskSettings:
     ppl_stride: Optional[int] = None
     timeout: float = 10.0  # HumanEval: seconds per program
     workers: int = 2  # HumanEval: programs run at once
+    # no data directory was named: gsm8k / mmlu may fall back to the built-in problems when
+    # neither local data nor the hub is there (`eval.tasks.builtin`, announced loudly)
+    builtin_fallback: bool = False
 
 
 def mean(values: Sequence[float]) -> float:
