@@ -47,7 +47,7 @@ import pytest
 from utils.paths import REPO_ROOT, shared_data_dir
 
 SERVE_S = 20.0  # a `# runs until Ctrl-C` command must still be up after this long
-COMMAND_TIMEOUT_S = 3600  # a hang, not a slow machine
+COMMAND_TIMEOUT_S = 7200  # a hang, not a slow machine (GRPO alone is ~15 min on 2 idle cores)
 
 NEEDS = re.compile(r"#.*?\bneeds:\s*(.+?)\s*$")
 RUNS_UNTIL_STOPPED = re.compile(r"#.*\bruns until ctrl-c\b", re.IGNORECASE)
