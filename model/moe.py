@@ -141,6 +141,7 @@ class StackedExperts(nn.Module):
         h = self.act(F.linear(x, gate[0])) * up if self.is_glu else self.act(up)  # (n, H)
         return F.linear(h, down_w)  # (n, D)
 
+    @torch.compiler.disable  # data-dependent group sizes: compiled, every new split would be a new graph
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         # x: (N, D), weights/indices: (N, k) → (N, D)
         top_k = indices.shape[1]

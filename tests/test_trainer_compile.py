@@ -26,19 +26,56 @@ def _trainer(tmp_path: Path, backend: str):
     return make_trainer(cfg, build_model(cfg.model), ListLoader(_batches()), tmp_path)
 
 
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 @pytest.mark.slow
 def test_compiled_training_saves_no_wrapper_prefixes(tmp_path: Path) -> None:
     torch._dynamo.reset()
     trainer = _trainer(tmp_path, "aot_eager")
-    assert hasattr(trainer.model, "_orig_mod")  # really compiled
-    assert any(k.startswith("_orig_mod.") for k in trainer.model.state_dict())
+    blocks = trainer._compiled_blocks
+    assert len(blocks) == trainer.cfg.model.n_layers and all("forward" in b.__dict__ for b in blocks)
+    before = _graphs()
     trainer.train_step()
-    assert trainer.model is not trainer.eager_model  # no fallback happened
+    assert _graphs() > before  # really compiled, and no fallback happened
+    assert all("forward" in b.__dict__ for b in blocks)
+    compiled = _graphs()
+    trainer.model.eval()
+    with torch.no_grad():  # eval mode, no grad (validation, samples, rollouts): eager, nothing compiles again
+        trainer.model(_batches()[0]["input_ids"])
+    trainer.model.train()
+    assert _graphs() == compiled
     path = trainer.save()
     ckpt = load_checkpoint(path, load_training_state=True)
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt.state_dict)
+    assert not any(k.startswith(("_orig_mod.", "module.")) or "_orig_mod" in k for k in ckpt.state_dict)
     assert not any("_orig_mod" in k for k in ckpt.training_state["optimizer"]["state"])
     assert set(ckpt.state_dict) == {k for k, _ in build_model(trainer.cfg.model).named_parameters()}
+
+
+@pytest.mark.slow
+def test_compiled_moe_training_does_not_recompile(tmp_path: Path) -> None:
+    """The routed experts' group sizes change every step; they stay out of the graphs."""
+    from torch._dynamo.utils import counters
+
+    from model.presets import get_preset
+
+    torch._dynamo.reset()
+    cfg = tiny_config(tmp_path, tmp_path / "runs", training={"compile": True, "compile_backend": "aot_eager",
+                                                             "max_steps": 6})
+    cfg.model = get_preset("tiny-deepseek_v3", vocab_size=64, mtp_depth=0)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(0, 64, (4, 33), generator=g) for _ in range(6)]  # new routing every step
+    batches = [{"input_ids": r[:, :-1], "labels": r[:, 1:]} for r in rows]
+    trainer = make_trainer(cfg, build_model(cfg.model), ListLoader(batches), tmp_path)
+    trainer.train_step()
+    graphs, recompiles = _graphs(), sum(counters["recompiles"].values())
+    for _ in range(4):
+        trainer.train_step()
+    assert _graphs() == graphs and sum(counters["recompiles"].values()) == recompiles
 
 
 def test_failing_compile_falls_back_to_eager_with_a_warning(tmp_path: Path, caplog) -> None:
@@ -53,4 +90,5 @@ def test_failing_compile_falls_back_to_eager_with_a_warning(tmp_path: Path, capl
         trainer.train_step()
     warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
     assert len(warnings) == 1 and "continuing without it" in warnings[0]
-    assert stats["decision"].action == "step" and trainer.model is trainer.eager_model
+    assert stats["decision"].action == "step"
+    assert trainer._compiled_blocks and not any("forward" in b.__dict__ for b in trainer._compiled_blocks)

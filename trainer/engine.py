@@ -31,6 +31,7 @@ from torch import nn
 
 from data_pipeline.loader import prefetching
 from model.moe import moe_load_stats, moe_modules, update_moe_biases
+from trainer.compile import compile_blocks, uncompile_blocks
 from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
 from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, wrap_model
 from trainer.evaluation import TextSampler, evaluate, to_device
@@ -105,8 +106,8 @@ class Trainer:
                 p.requires_grad_(trainable(name, p))
         self.base = model
         self.model = wrap_model(model, dist, self.tcfg)
-        self.eager_model = self.model
         self._compile_pending = False
+        self._compiled_blocks: list[nn.Module] = []
         if self.tcfg.compile:
             self.model = self._compile(self.model)
         self.optimizer = (optimizer_factory or (lambda m: build_optimizer(m, self.tcfg)))(model)
@@ -139,7 +140,8 @@ class Trainer:
             raise UserError(f"training.compile_backend={backend!r} is not a torch.compile backend "
                             f"(e.g. {', '.join(b for b in ('inductor', 'aot_eager', 'eager') if b in known)})")
         self._compile_pending = True  # the first forward/backward compiles; it may still fail
-        return torch.compile(model, backend=backend)
+        self._compiled_blocks = compile_blocks(model, backend)  # regional: one block at a time
+        return model
 
     def resume(self, resume: Optional[str]) -> Optional[Path]:
         """``None`` (fresh start), ``"auto"`` (this run's newest checkpoint, if any) or a path."""
@@ -264,7 +266,7 @@ class Trainer:
             first_line = (str(e).strip().splitlines() or [""])[0]
             logger.warning("torch.compile (backend %s) failed, continuing without it: %s: %s",
                            self.tcfg.compile_backend, type(e).__name__, first_line)
-            self.model = self.eager_model
+            uncompile_blocks(self._compiled_blocks)
             self._compile_pending = False
             self.optimizer.zero_grad(set_to_none=True)
             out = self._micro_step(batch, counts, is_last)

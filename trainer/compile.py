@@ -1,0 +1,51 @@
+"""`training.compile`: torch.compile one transformer block at a time (regional compilation).
+
+Each `model.transformer.Block` (and each MTP module's block) is compiled on its own, as
+torchtitan does, instead of the whole model at once:
+
+* identical blocks share one compiled graph (dynamo caches by code and guards), so compile time
+  does not grow with depth, and a model with dense and MoE layers compiles two kinds of block;
+* the data-dependent parts stay out of the graphs: a MoE layer's routed-expert dispatch (group
+  sizes change every step) is `torch.compiler.disable`d in `model.moe`, so no step recompiles;
+* the embedding, the head and the loss run eagerly (a lookup and one matmul), and so does every
+  forward outside training (validation, sample generations, RL rollouts with their KV cache),
+  which saves compiling the blocks again for each of those modes.
+
+DDP and FSDP2 wrap the model around the same blocks, so this works under both. If the first
+step fails to compile, `uncompile_blocks` returns the blocks to eager and training goes on.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from model.transformer import Block
+
+
+def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[nn.Module]:
+    """Compile every transformer block of ``model`` for its training forwards; returns the blocks.
+
+    A block runs its compiled forward only while it is training with gradients on; evaluation,
+    sample generation and RL rollouts (eval mode, no grad, a KV cache) stay eager, so they never
+    trigger a second compile of the same blocks for another mode.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        eager = block.forward
+        compiled = torch.compile(eager, backend=backend)
+
+        def forward(*args: Any, _block: nn.Module = block, _eager: Callable = eager, _compiled: Callable = compiled,
+                    **kwargs: Any) -> Any:
+            run = _compiled if _block.training and torch.is_grad_enabled() else _eager
+            return run(*args, **kwargs)
+
+        block.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+    return blocks
+
+
+def uncompile_blocks(blocks: list[nn.Module]) -> None:
+    """Back to eager: remove the instance ``forward`` that `compile_blocks` installed."""
+    for block in blocks:
+        block.__dict__.pop("forward", None)
