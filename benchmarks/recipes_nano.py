@@ -25,18 +25,9 @@ from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.paths import REPO_ROOT  # noqa: E402
-from utils.recipes import FAMILIES, STAGES  # noqa: E402
+from utils.recipes import DATA_COMMANDS, FAMILIES, STAGES  # noqa: E402
 
 CHAIN = ["0_pretrain", "1_sft_qlora", "3_rlhf_grpo", "4_eval"]
-DATA_COMMANDS = [
-    ["data_pipeline/download/download_tinystories.py", "--source", "builtin"],
-    ["data_pipeline/tokenizer/train_tokenizer.py", "--vocab_size", "4096", "--data_limit_mb", "100"],
-    ["data_pipeline/processing/encode_stories.py"],
-    ["data_pipeline/processing/build_pretrain_bins.py"],
-    ["data_pipeline/processing/build_sft_bins.py"],
-    ["data_pipeline/processing/build_preference_bins.py"],
-    ["data_pipeline/download/download_prompts.py", "--source", "builtin"],
-]
 NANO = [f"{fam}/{a.prefix}_nano" for fam, archs in FAMILIES.items() for a in archs]
 
 

@@ -9,6 +9,7 @@ import json
 import runpy
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from model.presets import CLASSIC, classic_config
 from model.transformer import Transformer
 from utils.config import read_yaml, validate
 from utils.paths import REPO_ROOT
-from utils.recipes import FAMILIES, SIZES, STAGE_NAMES, STAGES
+from utils.recipes import DATA_COMMANDS, FAMILIES, SIZES, STAGE_NAMES, STAGES
 from utils.setup_classic_models import MANIFEST
 
 SETUP = REPO_ROOT / "utils" / "setup_classic_models.py"
@@ -241,15 +242,6 @@ PER_STAGE = {  # a frozen reference instead of precomputing the reference log-pr
 }
 
 
-DATA_COMMANDS = [  # the quick start's data pipeline, offline (built-in sources)
-    ["data_pipeline/download/download_tinystories.py", "--source", "builtin"],
-    ["data_pipeline/tokenizer/train_tokenizer.py", "--vocab_size", "4096", "--data_limit_mb", "100"],
-    ["data_pipeline/processing/encode_stories.py"],
-    ["data_pipeline/processing/build_pretrain_bins.py"],
-    ["data_pipeline/processing/build_sft_bins.py"],
-    ["data_pipeline/processing/build_preference_bins.py"],
-    ["data_pipeline/download/download_prompts.py", "--source", "builtin"],
-]
 
 
 @pytest.fixture(scope="module")
@@ -290,10 +282,12 @@ def test_every_nano_stage_runs_chained(tmp_path, demo_data_dir, recipe):
         config = out / recipe / f"{stage.name}.yaml"
         if stage.kind == "eval":
             _run_stage(stage.script, ["--config_path", str(config), "--limit", "2", "--tasks", "ppl,gsm8k",
-                                      "--max_gen_toks", "8"])
+                                      "--set", "eval.max_gen_toks=8"])
             continue
         sets = [x for kv in FAST + PER_KIND.get(stage.kind, []) + PER_STAGE.get(stage.name, []) for x in ("--set", kv)]
+        t0 = time.perf_counter()
         _run_stage(stage.script, ["--config_path", str(config), *sets])
+        print(f"{recipe} {stage.name}: {time.perf_counter() - t0:.1f}s")
         assert (runs / recipe / stage.name / "checkpoints" / "final").is_dir(), stage.name
     results = json.loads((runs / recipe / "4_eval" / "results.json").read_text())
     assert set(results["results"]) == {"ppl", "gsm8k"}

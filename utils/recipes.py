@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 from model.presets import CLASSIC, CLASSIC_SIZES
@@ -59,6 +58,18 @@ class Stage:
     after: Optional[str]  # the stage whose final it continues from
     what: str  # one line for the header
 
+
+# The quick start's data pipeline as argument lists, offline (built-in sources), for the tests and
+# benchmarks that build the data a recipe reads; add ``--data_dir DIR`` to each.
+DATA_COMMANDS: list[list[str]] = [
+    ["data_pipeline/download/download_tinystories.py", "--source", "builtin"],
+    ["data_pipeline/tokenizer/train_tokenizer.py", "--vocab_size", "4096", "--data_limit_mb", "100"],
+    ["data_pipeline/processing/encode_stories.py"],
+    ["data_pipeline/processing/build_pretrain_bins.py"],
+    ["data_pipeline/processing/build_sft_bins.py"],
+    ["data_pipeline/processing/build_preference_bins.py"],
+    ["data_pipeline/download/download_prompts.py", "--source", "builtin"],
+]
 
 SFT_FROM = "1_sft_qlora"  # what reward model, preference and RL stages continue from
 STAGES: list[Stage] = [
