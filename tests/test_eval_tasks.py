@@ -15,7 +15,7 @@ from eval.requests import GenerateUntil, Loglikelihood
 from eval.tasks import mean_stderr, pooled_stderr
 from eval.tasks.gsm8k import draw_shots, exact_match, extract
 from eval.tasks.mmlu import MMLUTask, build_context, question_text
-from eval.tasks.ppl import ratio_and_stderr, split_documents
+from eval.tasks.ppl import eos_documents, ratio_and_stderr, split_documents
 from eval.tasks import TaskSettings
 from serving_fixtures import make_checkpoint
 from utils.config import validate
@@ -82,6 +82,13 @@ def test_metric_helpers():
     assert r == 2.0 and se == 0.0
     assert split_documents("a\n\n b \n\n\n<x>") == ["a", " b ", "<x>"]
     assert split_documents("one<|endoftext|>\ntwo\n\nstill two<|endoftext|>") == ["one", "two\n\nstill two"]
+
+
+def test_a_pretrain_bin_without_offsets_splits_at_eos() -> None:
+    import numpy as np
+
+    stream = np.array([5, 6, 0, 0, 7, 0, 8, 9], dtype=np.uint16)  # the stream may end mid-document
+    assert eos_documents(stream, eos_id=0) == [(5, 6), (7,), (8, 9)]
     assert cut_at_stop("abc\ndef x\nclass", ["\nclass", "\ndef"]) == "abc"
 
 

@@ -25,6 +25,8 @@ import re
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
+
 from eval.requests import LoglikelihoodRolling
 from eval.tasks import Task, metric
 from utils.errors import UserError
@@ -39,6 +41,15 @@ def split_documents(text: str) -> list[str]:
     separated blocks."""
     pieces = text.split(DOC_SEPARATOR) if DOC_SEPARATOR in text else re.split(r"\n[ \t]*\n", text)
     return [d.strip("\n") for d in pieces if d.strip()]
+
+
+def eos_documents(tokens: np.ndarray, eos_id: int) -> list[tuple[int, ...]]:
+    """The documents of a flat token stream (a pretrain bin, which keeps no item offsets): the
+    non-empty runs between EOS tokens, without the EOS."""
+    ends = np.flatnonzero(np.asarray(tokens) == eos_id)
+    starts = np.concatenate([[0], ends + 1])
+    stops = np.concatenate([ends, [len(tokens)]])
+    return [tuple(int(t) for t in tokens[a:b]) for a, b in zip(starts, stops) if b > a]
 
 
 def ratio_and_stderr(num: list[float], den: list[float]) -> tuple[float, float]:
@@ -85,8 +96,13 @@ class PerplexityTask(Task):
             vocab = getattr(getattr(model, "loaded", None), "config", None)
             tb = TokenBin(bin_base(path), "pretrain", vocab_size=vocab.vocab_size if vocab else None,
                           tokenizer_hash=tokenizer_hash(tok_file) if tok_file else None)
-            n = len(tb) if limit is None else min(limit, len(tb))
-            self.docs = [{"index": i, "token_ids": tuple(int(t) for t in tb.item(i))} for i in range(n)]
+            if tb.offsets is None:  # a pretrain bin: one EOS-separated stream
+                docs = eos_documents(tb.tokens, tb.sidecar.eos_id)[:limit]
+            else:
+                n = len(tb) if limit is None else min(limit, len(tb))
+                docs = [tuple(int(t) for t in tb.item(i)) for i in range(n)]
+            self.docs = [{"index": i, "token_ids": d} for i, d in enumerate(docs)]
+            n = len(docs)
             self._record_files([path])
             self.info = {"data": str(path), "format": "token-bin", "documents": n}
         else:
