@@ -9,6 +9,10 @@ runs with ``bash -c`` from the copy's root, stdin closed, offline (``HF_HUB_OFFL
 test's virtual environment first on PATH; the first one that exits non-zero fails the test,
 named with its file and line. Run with ``-s`` to see every command's time as it finishes.
 
+Two walks, each in a copy of its own: the Quick start (everything above "The pipeline, step by
+step"; slow) and the step-by-step sections with everything below them (slow and ``long``: its
+training runs take tens of minutes even on idle cores).
+
 Markers (a comment the reader sees too; the test reports every command it does not run and why):
 
 - ``needs: <what>`` ending the comment after a command (on its last line), e.g.
