@@ -1,13 +1,13 @@
 """`training.compile`: torch.compile one transformer block at a time (regional compilation).
 
-Each `model.transformer.Block` (and each MTP module's block) is compiled on its own, as
-torchtitan does, instead of the whole model at once:
+Each `model.transformer.Block` of the main stack is compiled on its own, as torchtitan does,
+instead of the whole model at once:
 
 * identical blocks share one compiled graph (dynamo caches by code and guards), so compile time
   does not grow with depth, and a model with dense and MoE layers compiles two kinds of block;
 * the data-dependent parts stay out of the graphs: a MoE layer's routed-expert dispatch (group
   sizes change every step) is `torch.compiler.disable`d in `model.moe`, so no step recompiles;
-* the embedding, the head and the loss run eagerly (a lookup and one matmul), and so does every
+* the embedding, the head, the MTP modules and the loss run eagerly, and so does every
   forward outside training (validation, sample generations, RL rollouts with their KV cache),
   which saves compiling the blocks again for each of those modes.
 
@@ -31,7 +31,9 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[nn.Modul
     sample generation and RL rollouts (eval mode, no grad, a KV cache) stay eager, so they never
     trigger a second compile of the same blocks for another mode.
     """
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    # the main stack only: an MTP module's block runs on T - k positions, and sharing Block.forward's
+    # compiled code with it would turn every block's graphs dynamic-shaped (slower, recompiled)
+    blocks = [m for name, m in model.named_modules() if isinstance(m, Block) and ".mtp." not in f".{name}."]
     for block in blocks:
         eager = block.forward
         compiled = torch.compile(eager, backend=backend)
