@@ -7,7 +7,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 DEVSTAMP:= $(VENV)/.installed-dev
 
-.PHONY: demo test venv install install-dev clean-demo
+.PHONY: demo test test-long venv install install-dev clean-demo
 
 $(VPY):
 	$(PY) -m venv $(VENV)
@@ -27,7 +27,11 @@ demo: $(STAMP)
 	$(VPY) utils/demo.py
 
 test: $(DEVSTAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q -m "not long"
+
+# the README's step-by-step walk, every command as written (about an hour on 2 idle cores)
+test-long: $(DEVSTAMP)
+	$(VPY) -m pytest -q -m long
 
 clean-demo:
 	rm -rf runs/classic/deepseek/v3_nano
