@@ -138,7 +138,10 @@ SIZE_SETTINGS: dict[str, SizeSettings] = {
             "eval": {"eval.tasks": ["ppl", "gsm8k", "mmlu"], "eval.limit": 10, "eval.batch_size": 16,
                      "eval.max_gen_toks": 64},
         },
-        per_stage={"3_rlhf_rft": {"training.learning_rate": 2.0e-5}},
+        per_stage={"3_rlhf_rft": {"training.learning_rate": 2.0e-5},
+                   # a nano SFT model rarely solves a problem yet: DAPO's refill of all-equal groups would
+                   # resample step after step (16 s a step instead of ~4 on 2 cores)
+                   "3_rlhf_grpo": {"rl.dynamic_sampling": False}},
     ),
     "small": SizeSettings(
         "small: ~100-150 M parameters for one GPU (bf16; sequences of 1024)",
