@@ -28,8 +28,10 @@ def _eval(args: list[str], timeout: float = 240):
 
 def test_all_tasks_write_results_table_and_samples(ckpt, shared_data, tmp_path):
     out = tmp_path / "out"
+    text = shared_data / "tinystories" / "tinystories_v1_valid_head.txt"  # not the repo's data/, whatever it holds
     proc = _eval(["--checkpoint", str(ckpt), "--tasks", "ppl,mmlu,gsm8k,humaneval", "--limit", "2", "--shots", "1",
-                  "--batch_size", "4", "--out", str(out), "--set", "eval.max_gen_toks=16"])
+                  "--batch_size", "4", "--out", str(out), "--set", "eval.max_gen_toks=16",
+                  "--set", f"eval.ppl_data={text}"])
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "results.json").read_text())
     assert data["model"]["backend"] == "local" and data["model"]["checkpoint"] == str(ckpt.resolve())
