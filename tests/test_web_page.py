@@ -138,7 +138,8 @@ def test_page_streams_a_multi_turn_chat(chromium, tmp_path, monkeypatch):
     with serve_checkpoint(ckpt) as (engine, server):
         seen: list[list[dict]] = []  # every conversation the server was asked to continue
         encode_chat = engine.encode_chat
-        monkeypatch.setattr(engine, "encode_chat", lambda messages: seen.append(messages) or encode_chat(messages))
+        monkeypatch.setattr(engine, "encode_chat", lambda messages, template_kwargs=None: seen.append(messages)
+                            or encode_chat(messages, template_kwargs))
 
         chromium.open(server.url + "/")
         chromium.wait_for("window.chat && document.getElementById('model').textContent.includes('tiny-test')")
