@@ -392,6 +392,10 @@ def _check_round_trip(cfg: ModelConfig, hf: dict[str, Any]) -> None:
     if cfg.moe is not None and back.moe is not None:
         for key in _MOE_TRAINING_ONLY:
             theirs["moe"][key] = ours["moe"][key]
+    # linear scaling divides every position by `factor`: the pre-training length it records (an SFT
+    # context extension fills it in) changes nothing in the forward pass, and HF has no field for it
+    if ours["rope_scaling"] and ours["rope_scaling"]["type"] == "linear" and theirs["rope_scaling"]:
+        ours["rope_scaling"]["original_max_position_embeddings"] = theirs["rope_scaling"]["original_max_position_embeddings"]
     # equivalent spellings: an explicit head_dim equal to dim // n_heads, a layer pattern that is the default
     for key in ("head_dim", "layer_types", "n_kv_heads"):
         if getattr(cfg, key) != getattr(back, key) and _same_derived(cfg, back, key):

@@ -146,6 +146,25 @@ def test_family_presets_export_to_transformers(tmp_path: Path) -> None:
         _close(_logits(ours, tokens), _logits(theirs.eval(), tokens))
 
 
+def test_linear_context_extension_exports(tmp_path: Path) -> None:
+    """An SFT context extension (linear scaling that records the pre-training length, which the
+    forward pass does not use and HF has no field for) exports and gives the same logits."""
+    from model import get_preset
+
+    cfg = get_preset("tiny-llama3", init_std=0.1, max_seq_len=128,
+                     rope_scaling=dict(type="linear", factor=4.0, original_max_position_embeddings=32))
+    torch.manual_seed(0)
+    ours = build_model(cfg).eval()
+    _randomise(ours, seed=6)
+    save_hf_dir(cfg, ours.state_dict(), tmp_path / "ext")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ext", attn_implementation="eager")
+    tokens = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(7))
+    _close(_logits(ours, tokens), _logits(theirs.eval(), tokens))
+    with pytest.raises(HFFormatError, match="rope_scaling"):  # dynamic does use it: HF cannot say so
+        save_hf_dir(cfg.model_copy(update={"rope_scaling": cfg.rope_scaling.model_copy(update={"type": "dynamic"})}),
+                    ours.state_dict(), tmp_path / "dyn")
+
+
 def test_deepseek_mtp_weights_round_trip(tmp_path: Path) -> None:
     """MTP modules go out as DeepSeek's extra layer (with embed/head copies) and come back."""
     _hf_model("deepseek_v3", tmp_path / "hf")
