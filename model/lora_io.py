@@ -89,6 +89,24 @@ def _to_hf_names(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return out
 
 
+def _from_hf_names(tensors: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of `_to_hf_names`: transformers module paths (a PEFT adapter of an exported or
+    Hugging Face model) -> ours; B rows back to our RoPE row order."""
+    names = _module_renames(model.cfg)
+    out = {}
+    for name, t in tensors.items():
+        path, ab, _ = name.rsplit(".", 2)
+        if path.startswith("model.layers."):
+            _, _, idx, rest = path.split(".", 3)
+            path = f"layers.{idx}.{_rename(rest, names)}"
+        if ab == "lora_B" and model.cfg.attention_type == "mla":
+            rows = {f"{path}.weight": t}
+            _convert_mla_rope(rows, model.cfg, inverse=False)
+            t = rows[f"{path}.weight"]
+        out[f"{path}.{ab}.weight"] = t
+    return out
+
+
 def save_adapter(
     model: nn.Module, path: PathLike, base_model_path: Optional[str] = None, hf_names: bool = False
 ) -> Path:
@@ -143,13 +161,16 @@ def read_adapter(path: PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
 
 @torch.no_grad()
 def load_adapter(model: nn.Module, path: PathLike, dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """Load an adapter written by `save_adapter` (our module paths) into ``model``, in place.
+    """Load an adapter written by `save_adapter` (our module paths, or transformers' as PEFT
+    writes them for the exported model) into ``model``, in place.
 
     A model without adapters gets them on exactly the saved paths (as `model.lora.apply_lora`
     would, everything else frozen); a model with adapters must have the same paths. Shapes are
     checked. Returns ``model``.
     """
     config, tensors = read_adapter(path)
+    if any(k.startswith("model.layers.") for k in tensors) and hasattr(model, "cfg"):
+        tensors = _from_hf_names(tensors, model)  # written for the transformers model (PEFT)
     saved = _adapted_paths(tensors)
     if not lora_modules(model):
         candidates = set(lora_candidates(model))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -92,6 +93,56 @@ def test_base_url_against_our_server_equals_local(ckpt, shared_data, tmp_path):
     assert [s["output"] for s in api_samples] == [s["output"] for s in local_samples]
     assert api["results"]["gsm8k"]["metrics"] == json.loads(
         (tmp_path / "local" / "results.json").read_text())["results"]["gsm8k"]["metrics"]
+
+
+@pytest.mark.slow
+def test_adapter_equals_the_merged_checkpoint(ckpt, shared_data, tmp_path):
+    """--adapter (ours, or a PEFT adapter in transformers' names on the exported HF directory)
+    scores exactly as the checkpoint with the adapter merged in, and not as the base."""
+    import torch
+
+    from model import build_model
+    from model.config import ModelConfig
+    from model.lora import LoraConfig, apply_lora, lora_parameters
+    from model.lora_io import merged_state_dict, save_adapter
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+    from utils.convert_hf import checkpoint_to_hf
+
+    base = load_checkpoint(ckpt)
+    model = build_model(ModelConfig(**base.model_config))
+    model.load_state_dict(base.state_dict)
+    apply_lora(model, LoraConfig(r=4, alpha=8))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    save_adapter(model, tmp_path / "adapter", base_model_path=str(ckpt))
+    save_adapter(model, tmp_path / "peft_adapter", hf_names=True)
+    save_checkpoint(tmp_path / "merged", merged_state_dict(model), base.model_config, tokenizer_dir=ckpt)
+    checkpoint_to_hf(ckpt, tmp_path / "hf")
+
+    text = shared_data / "tinystories" / "tinystories_v1_valid_head.txt"
+    runs = {"adapter": ["--checkpoint", str(ckpt), "--adapter", str(tmp_path / "adapter")],
+            "merged": ["--checkpoint", str(tmp_path / "merged")],
+            "hf+peft": ["--checkpoint", str(tmp_path / "hf"), "--adapter", str(tmp_path / "peft_adapter")],
+            "base": ["--checkpoint", str(ckpt)]}
+    lls, ppl = {}, {}
+    for name, args in runs.items():
+        out = tmp_path / f"out_{name}"
+        proc = _eval([*args, "--tasks", "ppl,mmlu", "--limit", "1", "--shots", "1", "--out", str(out),
+                      "--set", f"eval.ppl_data={text}"])
+        assert proc.returncode == 0, proc.stderr
+        results = json.loads((out / "results.json").read_text())
+        ppl[name] = results["results"]["ppl"]["metrics"]["token_perplexity"]["value"]
+        lls[name] = [x for line in (out / "samples_mmlu.jsonl").read_text().splitlines()
+                     for x in json.loads(line)["loglikelihoods"]]
+        if name in ("adapter", "hf+peft"):
+            assert results["model"]["adapter"] == str(Path(args[3]).resolve())
+    assert len(lls["merged"]) == 57 * 4
+    for name in ("adapter", "hf+peft"):
+        assert max(abs(a - b) for a, b in zip(lls[name], lls["merged"])) <= 1e-4, name
+        assert ppl[name] == pytest.approx(ppl["merged"], rel=1e-5), name
+    assert max(abs(a - b) for a, b in zip(lls["base"], lls["merged"])) > 1e-2  # the adapter matters
 
 
 def _free_port() -> int:

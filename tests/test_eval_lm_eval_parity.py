@@ -67,21 +67,27 @@ def _evaluate(ref, task_configs: list[dict], **kwargs) -> dict:
 
 
 # ---------------------------------------------------------------------------- MMLU
-def test_mmlu_loglikelihoods_and_accuracy_equal_lm_eval(models, shared_data, tmp_path):
+def _all_subjects(shared_data: Path) -> tuple[str, ...]:
+    return tuple(sorted(p.name[:-len("_val.csv")] for p in (shared_data / "mmlu" / "val").glob("*_val.csv")))
+
+
+@pytest.mark.parametrize("split", ["four_subjects", pytest.param("whole_val", marks=pytest.mark.slow)])
+def test_mmlu_loglikelihoods_and_accuracy_equal_lm_eval(models, shared_data, tmp_path, split):
     ours, ref = models
+    subjects = MMLU_SUBJECTS if split == "four_subjects" else _all_subjects(shared_data)
     template = _yaml(LM_EVAL_TASKS / "mmlu" / "default" / "_default_template_yaml")
     configs, local = [], tmp_path / "data" / "mmlu"
-    for split in ("dev", "val"):
-        (local / split).mkdir(parents=True)
-    for subject in MMLU_SUBJECTS:
+    for part in ("dev", "val"):
+        (local / part).mkdir(parents=True)
+    for subject in subjects:
         files = {}
-        for split in ("dev", "val"):
-            src = shared_data / "mmlu" / split / f"{subject}_{split}.csv"
-            (local / split / src.name).write_bytes(src.read_bytes())
+        for part in ("dev", "val"):
+            src = shared_data / "mmlu" / part / f"{subject}_{part}.csv"
+            (local / part / src.name).write_bytes(src.read_bytes())
             rows = list(csv.reader(open(src, newline="", encoding="utf-8")))
-            files[split] = tmp_path / f"{subject}_{split}.jsonl"
-            files[split].write_text("".join(json.dumps({"question": r[0], "subject": subject, "choices": r[1:5],
-                                                        "answer": "ABCD".index(r[5])}) + "\n" for r in rows))
+            files[part] = tmp_path / f"{subject}_{part}.jsonl"
+            files[part].write_text("".join(json.dumps({"question": r[0], "subject": subject, "choices": r[1:5],
+                                                       "answer": "ABCD".index(r[5])}) + "\n" for r in rows))
         subject_yaml = _yaml(LM_EVAL_TASKS / "mmlu" / "default" / f"mmlu_{subject}.yaml")
         configs.append({**template, "task": f"local_mmlu_{subject}", "dataset_path": "json",
                         "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()}},
@@ -94,7 +100,7 @@ def test_mmlu_loglikelihoods_and_accuracy_equal_lm_eval(models, shared_data, tmp
     result = run_task(task, ours)
     by_key = {(r["subject"], r["index"]): r for r in result.records}
     n, worst = 0, 0.0
-    for subject in MMLU_SUBJECTS:
+    for subject in subjects:
         samples = out["samples"][f"local_mmlu_{subject}"]
         for s in samples:
             mine = by_key[(subject, s["doc_id"])]
@@ -106,7 +112,12 @@ def test_mmlu_loglikelihoods_and_accuracy_equal_lm_eval(models, shared_data, tmp
             out["results"][f"local_mmlu_{subject}"]["acc,none"], abs=1e-12)
     assert n == len(result.records) == sum(1 for _ in by_key)
     assert worst <= 1e-4, worst
-    print(f"MMLU parity: {n} questions, max |ll ours - lm-eval| = {worst:.2e}, "
+    if split == "whole_val":
+        assert len(subjects) == 57 and n > 1500
+        assert result.metrics["acc"]["value"] == pytest.approx(
+            sum(out["results"][f"local_mmlu_{s}"]["acc,none"] * len(out["samples"][f"local_mmlu_{s}"])
+                for s in subjects) / n, abs=1e-12)
+    print(f"MMLU parity ({len(subjects)} subjects): {n} questions, max |ll ours - lm-eval| = {worst:.2e}, "
           f"acc ours {result.metrics['acc']['value']:.4f}")
 
 

@@ -300,3 +300,18 @@ def test_peft_loads_our_adapter_onto_the_transformers_model(name: str, tmp_path:
         ours = model(tokens)
         assert (ours - _model(name)(tokens)).abs().max() > 1e-2  # the adapters matter
         assert (theirs(tokens).logits - ours).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", list(PEFT_CASES))
+def test_an_adapter_in_transformers_names_loads_back_onto_ours(name: str, tmp_path: Path) -> None:
+    """A PEFT adapter written for the exported model (what PEFT users have) loads onto ours and
+    gives the same model as the adapter in our names."""
+    model = _model(name)
+    apply_lora(model, PEFT_CASES[name])
+    _randomise_adapters(model)
+    save_adapter(model, tmp_path / "hf_named", hf_names=True)
+    loaded = load_adapter(_model(name), tmp_path / "hf_named")
+    tokens = _tokens(name)
+    with torch.no_grad():
+        assert (model(tokens) - _model(name)(tokens)).abs().max() > 1e-2  # the adapters matter
+        assert (loaded(tokens) - model(tokens)).abs().max() <= 1e-5
