@@ -20,7 +20,7 @@ the positions of every row (see `model.cache`).
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,9 @@ class Attention(nn.Module):
         self.alibi = cfg.position_type == "alibi"
         self.dropout = cfg.dropout
         self._slopes = alibi_slopes(self.n_heads) if self.alibi else None  # (H,) fp32, CPU
+        # set by the trainer for context parallelism (`trainer.context_parallel.RingAttention`):
+        # (q, k, v, scale, doc_ids, window) -> out, attention over a sequence sharded across ranks
+        self.context_parallel: Optional[Callable[..., torch.Tensor]] = None
 
     def init_cache(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> KVLayerCache:
         return KVLayerCache(batch_size, max_seq_len, self.n_kv_heads, self.head_dim, device, dtype)
@@ -156,6 +159,10 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        if self.context_parallel is not None:  # training on this rank's share of the sequence
+            out = self.context_parallel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, doc_ids,
+                                        self.window)  # (B, H, T, hd)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
         force = self.alibi or self.softcap is not None
         if cache is not None and doc_ids is not None:
             raise ValueError("document masking (doc_ids) is only supported without a cache")

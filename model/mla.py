@@ -23,7 +23,7 @@ mscale_all_dim)^2 under YaRN, as in DeepSeek's reference code.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ class MLA(nn.Module):
         self.scale = qk_dim**-0.5 * yarn_softmax_mscale(cfg.rope_scaling)
         self.dropout = cfg.dropout
         self.absorb = False  # attend in latent space (weight absorption); see module docstring
+        # set by the trainer for context parallelism (`trainer.context_parallel.RingAttention`):
+        # (q, k, v, scale, doc_ids) -> out over a sequence sharded across ranks; per-head K/V travel
+        self.context_parallel: Optional[Callable[..., torch.Tensor]] = None
 
     def init_cache(
         self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype
@@ -93,6 +96,10 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, dr)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, dr), shared by all heads
 
+        if self.context_parallel is not None:  # training on this rank's share of the sequence
+            q, k, v = self._expand(q_nope, q_pe, c_kv, k_pe)
+            out = self.context_parallel(q, k, v, self.scale, doc_ids)  # (B, H, T, dv)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
         absorb = self.absorb
         if cache is not None and doc_ids is not None:
             raise ValueError("document masking (doc_ids) is only supported without a cache")
@@ -114,15 +121,20 @@ class MLA(nn.Module):
             out = self._naive(q_nope, q_pe, c_kv, k_pe, mask, is_causal, dropout)
         return self.o_proj(out.reshape(batch, seq_len, -1))  # out: (B, T, H, dv)
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask, is_causal, dropout) -> torch.Tensor:
-        """Expand the latents to per-head K, V. Returns (B, T, H, dv)."""
+    def _expand(self, q_nope, q_pe, c_kv, k_pe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-head q (B, H, T, dn + dr), k (B, H, S, dn + dr), v (B, H, S, dv) from the latents."""
         batch, kv_len, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(batch, kv_len, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # (B, S, H, dn), (B, S, H, dv)
         k_pe = k_pe.unsqueeze(2).expand(batch, kv_len, self.n_heads, self.rope_dim)  # (B, S, H, dr)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn + dr)
         k = torch.cat([k_nope, k_pe], dim=-1).transpose(1, 2)  # (B, H, S, dn + dr)
-        out = attend(q, k, v.transpose(1, 2), self.scale, mask, is_causal, dropout_p=dropout)  # (B, H, T, dv)
+        return q, k, v.transpose(1, 2)
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask, is_causal, dropout) -> torch.Tensor:
+        """Expand the latents to per-head K, V. Returns (B, T, H, dv)."""
+        q, k, v = self._expand(q_nope, q_pe, c_kv, k_pe)
+        out = attend(q, k, v, self.scale, mask, is_causal, dropout_p=dropout)  # (B, H, T, dv)
         return out.transpose(1, 2)
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, is_causal, dropout) -> torch.Tensor:
