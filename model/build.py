@@ -4,7 +4,8 @@
   on the target device, then `init_weights` (the torchtitan pattern).
 - `init_weights`: N(0, init_std) for every matrix (GPT-2, Radford et al. 2019) with the
   residual output projections (``o_proj``, ``down_proj``, stacked expert ``down_proj``)
-  scaled by 1/sqrt(2 n_layers); norm weights 1 (Gemma's (1 + w) norms: 0); biases 0.
+  scaled by 1/sqrt(2 n_layers); norm weights 1 (Gemma's (1 + w) norms: 0); biases 0; Mamba-2
+  mixers then set A, D, dt_bias and the conv as Mamba-2 does.
 - `count_params`: total and active (per token) parameters.
 - `flops_per_token`: training FLOPs per token, 6 N + attention (Kaplan et al. 2020;
   Hoffmann et al. 2022 appendix F; Chowdhery et al. 2022 "PaLM" appendix B).
@@ -18,11 +19,12 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from model.mamba2 import Mamba2Mixer
 from model.moe import MoE, Router
 from model.norms import NORM_TYPES, GemmaRMSNorm
 from model.transformer import Transformer
 
-RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj", "out_proj")
 
 
 def _leaf_name(param_name: str) -> str:
@@ -39,7 +41,7 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
     std = init_std, divided by sqrt(2 n_layers) for residual output projections; biases
     (any parameter named *bias*, or 1-D) 0; norm weights 1 (Gemma: 0), LayerNorm biases 0. Buffers are
     re-made by the owning module's ``reset_buffers()`` when it has one, else zero-filled
-    (e.g. the MoE balancing bias).
+    (e.g. the MoE balancing bias). Last, each `Mamba2Mixer` re-initialises its SSM parameters.
     """
     std = cfg.init_std
     residual_std = std / math.sqrt(2 * cfg.n_layers)
@@ -60,6 +62,9 @@ def init_weights(model: nn.Module, cfg: ModelConfig) -> None:
         else:
             for buf in module.buffers(recurse=False):
                 buf.zero_()
+    for module in model.modules():
+        if isinstance(module, Mamba2Mixer):
+            module.init_ssm_parameters()
 
 
 def build_model(
@@ -125,12 +130,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     head). Plus attention scores and their weighted sum, per layer and token (PaLM app. B):
     6 * H * T_eff * (d_qk + d_v), i.e. 12 L H d T for MHA; T_eff = min(T, window) on sliding
     layers; causal masking is not discounted. Linear attention replaces it with the state
-    update and read, 12 H d^2 per layer.
+    update and read, 12 H d^2 per layer; a Mamba-2 layer's SSD scan is attention over its chunk of
+    Q tokens plus writing and reading the (P, N) states, 6 H (Q (N + P) + 2 P N).
     """
     counts = count_params(cfg)
     n_matmul = counts["active"] - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
     attn = 0.0
     for i in range(cfg.n_layers):
+        if cfg.layer_type(i) == "mamba":
+            q = min(seq_len, cfg.mamba_chunk_size)
+            n, p = cfg.mamba_state_size, cfg.mamba_head_dim
+            attn += 6 * cfg.mamba_heads * (q * (n + p) + 2 * p * n)
+            continue
         if cfg.attention_type == "linear":
             attn += 12 * cfg.n_heads * cfg.attn_head_dim**2
             continue

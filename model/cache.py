@@ -23,8 +23,8 @@ after PagedAttention, Kwon et al. 2023) serve batches whose rows sit at their ow
 stores the new entries and returns each row's whole context gathered from the block pool,
 padded per row to a common length S, entry j of a row holding position j; ``key_positions``
 (B, S) says so (-1 marks padding); ``mask(window, force)`` gives the attention mask of the
-step (causal by position, sliding window, padding), shared by all layers. The linear-attention
-form, `PagedStateCache`, keeps one recurrent state per sequence.
+step (causal by position, sliding window, padding), shared by all layers. The form of linear
+attention and Mamba-2 layers, `PagedStateCache`, keeps one recurrent state per sequence.
 """
 from __future__ import annotations
 
@@ -119,16 +119,17 @@ class PagedLayerCache(Protocol):
 
 
 class PagedStateCache(Protocol):
-    """A linear-attention layer's recurrent state per sequence, as `LinearAttention` uses it."""
+    """A recurrent layer's state per sequence, as `LinearAttention` (S (B, H, d, d), z (B, H, d))
+    and `Mamba2Mixer` (conv (B, C, K-1), ssm (B, H, P, N)) use it."""
 
     paged: bool
     token_mask: torch.Tensor  # (B, T) bool, False for the padding after a row's tokens
 
-    def read_state(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each row's carried state (S (B, H, d, d), z (B, H, d)); zero for rows starting at position 0."""
+    def read_state(self) -> tuple[torch.Tensor, ...]:
+        """Each row's carried state tensors; zero for rows starting at position 0."""
 
-    def write_state(self, s: torch.Tensor, z: torch.Tensor) -> None:
-        """Store each row's state after the chunk."""
+    def write_state(self, *states: torch.Tensor) -> None:
+        """Store each row's state tensors after the chunk."""
 
 
 class KVCache:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator, model_validator
 
-Family = Literal["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "deepseek_v3", "custom"]
+Family = Literal["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "deepseek_v3", "mamba2", "custom"]
+LayerType = Literal["full", "sliding", "mamba"]
 
 
 class _Strict(BaseModel):
@@ -103,8 +104,9 @@ class ModelConfig(_Strict):
     final_logit_softcap: Optional[PositiveFloat] = None  # Gemma 2
     query_pre_attn_scalar: Optional[PositiveFloat] = None  # Gemma 2/3: scale = scalar ** -0.5
     sliding_window: Optional[PositiveInt] = None
-    # per-layer pattern; None → every layer "sliding" if sliding_window is set, else "full"
-    layer_types: Optional[list[Literal["full", "sliding"]]] = None
+    # per-layer pattern; None → every layer "mamba" for family mamba2, else "sliding" if sliding_window
+    # is set, else "full". "attention" is read as "full": hybrids such as [mamba, mamba, attention, ...]
+    layer_types: Optional[list[LayerType]] = None
     linear_feature_map: Literal["elu", "relu"] = "elu"  # linear attention: phi(x) = elu(x) + 1
 
     # positions
@@ -119,6 +121,18 @@ class ModelConfig(_Strict):
     qk_rope_head_dim: PositiveInt = 16
     qk_nope_head_dim: PositiveInt = 32
     v_head_dim: PositiveInt = 32
+
+    # Mamba-2 (SSD) layers (Dao & Gu 2024), the "mamba" entries of layer_types: d_inner = expand * dim
+    # channels in mamba_heads = d_inner / mamba_head_dim heads, a (head_dim, state_size) state per head,
+    # B and C shared by the heads of each of mamba_n_groups groups
+    mamba_state_size: PositiveInt = 64
+    mamba_head_dim: PositiveInt = 64
+    mamba_expand: PositiveInt = 2
+    mamba_n_groups: PositiveInt = 1
+    mamba_conv_kernel: int = Field(4, ge=2)
+    mamba_chunk_size: PositiveInt = 256  # SSD chunk length (training / prefill); does not change the outputs
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False  # biases of in_proj and out_proj
 
     # mixture of experts (None → dense FFN everywhere)
     moe: Optional[MoEConfig] = None
@@ -142,15 +156,34 @@ class ModelConfig(_Strict):
     def attn_head_dim(self) -> int:
         return self.head_dim or self.dim // self.n_heads
 
-    def layer_type(self, layer_idx: int) -> Literal["full", "sliding"]:
+    @property
+    def mamba_inner(self) -> int:  # d_inner, the channels of a Mamba-2 mixer
+        return self.mamba_expand * self.dim
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_inner // self.mamba_head_dim
+
+    @property
+    def has_mamba(self) -> bool:
+        return any(self.layer_type(i) == "mamba" for i in range(self.n_layers))
+
+    def layer_type(self, layer_idx: int) -> LayerType:
         if self.layer_types is not None:
             return self.layer_types[layer_idx]
+        if self.family == "mamba2":
+            return "mamba"
         return "sliding" if self.sliding_window is not None else "full"
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe is not None and layer_idx >= self.moe.first_k_dense_replace
 
     # ---------------------------------------------------------------- validation
+    @field_validator("layer_types", mode="before")
+    @classmethod
+    def _attention_is_full(cls, v: object) -> object:
+        return [("full" if t == "attention" else t) for t in v] if isinstance(v, list) else v
+
     @model_validator(mode="after")
     def _check_combinations(self) -> "ModelConfig":
         if self.n_heads % self.kv_heads != 0:
@@ -176,6 +209,8 @@ class ModelConfig(_Strict):
                 raise ValueError(f"layer_types has {len(self.layer_types)} entries, n_layers={self.n_layers}")
             if "sliding" in self.layer_types and self.sliding_window is None:
                 raise ValueError("layer_types contains 'sliding' but sliding_window is not set")
+        if self.has_mamba:
+            self._check_mamba()
         if self.moe is not None and self.mlp_bias:
             raise ValueError("mlp_bias is not supported with moe (routed experts have no biases)")
         if self.moe is not None and self.moe.first_k_dense_replace > self.n_layers:
@@ -183,3 +218,15 @@ class ModelConfig(_Strict):
                 f"moe.first_k_dense_replace={self.moe.first_k_dense_replace} exceeds n_layers={self.n_layers}"
             )
         return self
+
+    def _check_mamba(self) -> None:
+        if self.position_type == "alibi":
+            raise ValueError("Mamba-2 layers (family mamba2 / layer_types 'mamba') do not support position_type=alibi")
+        if self.sliding_window is not None:
+            raise ValueError("Mamba-2 layers (family mamba2 / layer_types 'mamba') do not support sliding_window")
+        if self.mamba_inner % self.mamba_head_dim != 0:
+            raise ValueError(f"mamba_expand * dim = {self.mamba_inner} must be divisible by "
+                             f"mamba_head_dim={self.mamba_head_dim}")
+        if self.mamba_heads % self.mamba_n_groups != 0:
+            raise ValueError(f"the {self.mamba_heads} Mamba-2 heads must be divisible by "
+                             f"mamba_n_groups={self.mamba_n_groups}")

@@ -2,8 +2,8 @@
 
 A Hugging Face directory is ``config.json`` + ``*.safetensors`` (one file, or shards listed in
 ``model.safetensors.index.json``). Families: Llama 2/3, Qwen2, Qwen3, Mistral, Gemma 2,
-Gemma 3 (text) and DeepSeek-V3; `model/hf_config.py` converts the configs, this module the
-weights and the files. Files are read with ``safetensors`` only (never pickle) and this
+Gemma 3 (text), DeepSeek-V3 and Mamba-2 (`model/hf_mamba2.py`); `model/hf_config.py` converts
+the configs, this module the weights and the files. Files are read with ``safetensors`` only (never pickle) and this
 module works on dicts and tensors: it does not import ``transformers``.
 
 Weight names map one to one (``model.layers.3.self_attn.q_proj.weight`` ↔
@@ -39,6 +39,7 @@ from safetensors.torch import save_file
 
 from model.config import ModelConfig
 from model.hf_config import HF_NAMES, HFFormatError, config_from_hf, config_to_hf
+from model.hf_mamba2 import mamba2_state_dict_from_hf, mamba2_state_dict_to_hf
 from model.reward import RewardModel, reward_backbone_config
 from model.transformer import Transformer
 
@@ -118,6 +119,10 @@ def state_dict_from_hf(sd: StateDict, cfg: ModelConfig, rope_interleave: bool = 
     ``reward``: ``sd`` is a ``*ForSequenceClassification`` (backbone + ``score.weight``), checked
     against a `RewardModel` instead.
     """
+    if cfg.family == "mamba2":
+        out = mamba2_state_dict_from_hf(sd, cfg, HFFormatError)
+        _check_against_model(out, cfg, reward)
+        return out
     names = _module_renames(cfg)
     out: StateDict = {}
     experts: dict[str, dict[int, torch.Tensor]] = {}  # our stacked name → expert index → matrix
@@ -201,6 +206,8 @@ def state_dict_to_hf(sd: StateDict, cfg: ModelConfig, reward: bool = False) -> S
     if reward:
         cfg = reward_backbone_config(cfg)
     _check_against_model(sd, cfg, reward)
+    if cfg.family == "mamba2":
+        return mamba2_state_dict_to_hf(sd)
     sd = dict(sd)
     if cfg.attention_type == "mla":
         _convert_mla_rope(sd, cfg, inverse=True)

@@ -16,6 +16,7 @@ from typing import Any, Optional
 from pydantic import ValidationError
 
 from model.config import ModelConfig, RopeScaling
+from model.hf_mamba2 import MODEL_TYPE as MAMBA2, mamba2_config_from_hf, mamba2_config_to_hf
 
 
 class HFFormatError(ValueError):
@@ -202,8 +203,10 @@ def config_from_hf(hf: dict[str, Any], with_mtp: bool = False) -> ModelConfig:
     itself ignores them, and configs it writes announce them without saving any).
     """
     model_type = hf.get("model_type")
+    if model_type == MAMBA2:
+        return mamba2_config_from_hf(hf, HFFormatError)
     if model_type not in FAMILY_OF_MODEL_TYPE:
-        supported = ", ".join(sorted(FAMILY_OF_MODEL_TYPE))
+        supported = ", ".join(sorted([*FAMILY_OF_MODEL_TYPE, MAMBA2]))
         if model_type == "gemma3":
             raise HFFormatError("model_type 'gemma3' is the multimodal Gemma 3; only its text model "
                                 "(model_type gemma3_text, Gemma3ForCausalLM) is supported")
@@ -316,6 +319,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     Raises `HFFormatError` naming the first field the target family cannot express (checked
     by converting back and comparing every field that changes the forward pass).
     """
+    if cfg.family == MAMBA2:
+        return mamba2_config_to_hf(cfg, HFFormatError)
     if cfg.family not in HF_NAMES:
         raise HFFormatError(f"family {cfg.family!r} has no Hugging Face counterpart (supported: {', '.join(HF_NAMES)})")
     model_type, arch = HF_NAMES[cfg.family]
@@ -401,6 +406,8 @@ def _check_round_trip(cfg: ModelConfig, hf: dict[str, Any]) -> None:
         if getattr(cfg, key) != getattr(back, key) and _same_derived(cfg, back, key):
             theirs[key] = ours[key]
     for key in ours:
+        if key.startswith("mamba_") and not cfg.has_mamba:
+            continue  # read by Mamba-2 layers only
         if key not in _TRAINING_ONLY and ours[key] != theirs[key]:
             raise HFFormatError(f"cannot export {key}={ours[key]!r} to a {hf['model_type']} checkpoint "
                                 f"(it would load back as {theirs[key]!r})")

@@ -5,6 +5,8 @@
 - GemmaRMSNorm: Gemma (Team Gemma 2024) stores ``w`` and scales by ``(1 + w)``; the whole
   computation, scaling included, runs in fp32 and is cast back once at the end.
 - LayerNorm: Ba et al. 2016, "Layer Normalization" (weight and bias).
+- GatedRMSNorm: Mamba-2's output norm (Dao & Gu 2024), RMSNorm of ``y * silu(z)`` taken over
+  groups of channels, in fp32.
 """
 from __future__ import annotations
 
@@ -58,7 +60,25 @@ class LayerNorm(nn.LayerNorm):
         super().__init__(dim, eps=eps)
 
 
-NORM_TYPES = (RMSNorm, GemmaRMSNorm, LayerNorm)
+class GatedRMSNorm(nn.Module):
+    """y = w * rmsnorm(x * silu(z)), the statistics taken per group of ``group_size`` channels."""
+
+    def __init__(self, dim: int, group_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.dim, self.group_size, self.eps = dim, group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # (..., dim), (..., dim) -> (..., dim)
+        h = x.float() * F.silu(z.float())
+        groups = h.view(*h.shape[:-1], self.dim // self.group_size, self.group_size)  # (..., G, dim / G)
+        h = F.rms_norm(groups, (self.group_size,), eps=self.eps).view(h.shape)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, group_size={self.group_size}, eps={self.eps}"
+
+
+NORM_TYPES = (RMSNorm, GemmaRMSNorm, LayerNorm, GatedRMSNorm)
 
 
 def build_norm(cfg: ModelConfig, dim: int) -> nn.Module:

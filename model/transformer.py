@@ -6,7 +6,8 @@ Pre-norm residual blocks (Xiong et al. 2020) as in GPT-2 / Llama (Touvron et al.
 
 with Gemma 2/3's "sandwich" variant adding ``post_attn_norm`` / ``post_ffn_norm`` on the
 branch outputs. Attention is MHA/GQA/MQA, MLA or linear attention; the FFN is dense or
-DeepSeekMoE per layer. Embeddings are optionally scaled by sqrt(dim) (Gemma, in the embedding
+DeepSeekMoE per layer. Layers of type "mamba" are Mamba-2 blocks instead (`model.mamba2`:
+``x + mixer(norm(x))``, no FFN), for pure Mamba-2 models and hybrid stacks. Embeddings are optionally scaled by sqrt(dim) (Gemma, in the embedding
 dtype like Hugging Face), the head is optionally tied to them, and the final logits optionally
 soft-capped (Gemma 2). RoPE tables are computed once per forward for each layer type: Gemma 3
 sliding layers use ``rope_local_theta`` without scaling, the other layers ``rope_theta`` and
@@ -14,7 +15,7 @@ sliding layers use ``rope_local_theta`` without scaling, the other layers ``rope
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from model.cache import KVCache
 from model.config import ModelConfig
 from model.ffn import FeedForward
 from model.linear_attention import LinearAttention
+from model.mamba2 import MambaBlock
 from model.mla import MLA
 from model.moe import MoE, moe_aux_loss
 from model.mtp import MTPModule
@@ -70,6 +72,17 @@ class Block(nn.Module):
         x = x + self._branch_out(self.attn(self.attn_norm(x), rope, positions, cache, doc_ids), self.post_attn_norm)
         return x + self._branch_out(self.ffn(self.ffn_norm(x)), self.post_ffn_norm)
 
+    def init_cache(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> Any:
+        return self.attn.init_cache(batch_size, max_seq_len, device, dtype)
+
+
+BLOCK_TYPES = (Block, MambaBlock)
+
+
+def build_block(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    """The block of layer ``layer_idx``: a Mamba-2 block for layer type "mamba", else a transformer block."""
+    return MambaBlock(cfg, layer_idx) if cfg.layer_type(layer_idx) == "mamba" else Block(cfg, layer_idx)
+
 
 class Transformer(nn.Module):
     """Embedding -> blocks -> final norm -> head (+ optional MTP modules)."""
@@ -78,11 +91,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(build_block(cfg, i) for i in range(cfg.n_layers))
         self.norm = build_norm(cfg, cfg.dim)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # the MTP blocks take the attention / FFN kind of the last main layer
-        self.mtp = nn.ModuleList(MTPModule(cfg, Block(cfg, cfg.n_layers - 1)) for _ in range(cfg.mtp_depth))
+        self.mtp = nn.ModuleList(MTPModule(cfg, build_block(cfg, cfg.n_layers - 1)) for _ in range(cfg.mtp_depth))
         self.embed_scale = cfg.dim**0.5 if cfg.embed_scale else None
 
         self.rope: Optional[RotaryEmbedding] = None
@@ -102,12 +115,12 @@ class Transformer(nn.Module):
         return h
 
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict[str, Rope]:
-        """RoPE (cos, sin) per layer type ("full", "sliding"); None values without RoPE."""
+        """RoPE (cos, sin) per layer type ("full", "sliding"); None values without RoPE and for "mamba"."""
         if self.rope is None:
-            return {"full": None, "sliding": None}
+            return {"full": None, "sliding": None, "mamba": None}
         full = self.rope(positions, dtype)
         local = self.rope_local(positions, dtype) if self.rope_local is not None else full
-        return {"full": full, "sliding": local}
+        return {"full": full, "sliding": local, "mamba": None}
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Normalised hidden (B, T, D) -> logits (B, T, V), soft-capped when configured."""
@@ -217,4 +230,4 @@ class Transformer(nn.Module):
         """An empty cache for ``batch_size`` rows of up to ``max_seq_len`` positions."""
         device = device if device is not None else self.embed.weight.device
         dtype = dtype if dtype is not None else self.embed.weight.dtype
-        return KVCache([layer.attn.init_cache(batch_size, max_seq_len, device, dtype) for layer in self.layers])
+        return KVCache([layer.init_cache(batch_size, max_seq_len, device, dtype) for layer in self.layers])

@@ -33,6 +33,7 @@ from inference.engine.paged_cache import (
     default_kv_cache_bytes,
     kv_bytes_per_token,
     num_blocks_for_budget,
+    recurrent_layers,
 )
 from inference.engine.sampling import SamplingParams, make_generator, sample, with_generation_defaults
 from inference.engine.scheduler import Scheduler
@@ -177,21 +178,22 @@ class LLMEngine:
 
         if draft_checkpoint is not None and num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {num_speculative_tokens}")
-        linear = self.config.attention_type == "linear"
-        if linear and enable_prefix_caching:
-            log.info("prefix caching is off: linear attention keeps its state outside the KV blocks")
+        recurrent = recurrent_layers(self.config)
+        if recurrent and enable_prefix_caching:
+            log.info("prefix caching is off: %s keep their state outside the KV blocks", recurrent)
             enable_prefix_caching = False
         draft = None
         if draft_checkpoint is not None:
-            if linear:
-                raise UserError("speculative decoding needs a KV-cache model; linear attention cannot roll back "
+            if recurrent:
+                raise UserError(f"speculative decoding needs a KV-cache model; {recurrent} cannot roll back "
                                 "rejected drafts")
             draft = load_model(draft_checkpoint, self.device, self.dtype)
             if draft.config.vocab_size != self.config.vocab_size:
                 raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the "
                                 f"target's ({self.config.vocab_size}): it must use the same tokenizer")
-            if draft.config.attention_type == "linear":
-                raise UserError("the draft model uses linear attention, which cannot roll back rejected drafts")
+            draft_recurrent = recurrent_layers(draft.config)
+            if draft_recurrent:
+                raise UserError(f"the draft model has {draft_recurrent}, which cannot roll back rejected drafts")
         lookahead = num_speculative_tokens if draft is not None else 0
 
         num_blocks = self._num_blocks(kv_cache_memory_mb, block_size, max_num_seqs, lookahead,

@@ -16,6 +16,8 @@ What a layer keeps per token slot:
 - Linear attention (Katharopoulos et al., 2020): nothing per token; a recurrent state (S, z)
   per sequence slot (``seq.slot``), reset when a chunk starts at position 0. Blocks are then
   only bookkeeping and prefix caching must be off.
+- Mamba-2 layers (Dao & Gu, 2024): likewise nothing per token; the last K-1 conv inputs and the
+  SSM state (H, P, N) per sequence slot. In a hybrid stack the attention layers keep their blocks.
 
 A model step is described by a `StepBatch` (built once per forward, shared by every layer):
 where the new entries go (``write_slots``), which slots each row reads back (``gather_slots``:
@@ -33,6 +35,7 @@ import torch
 from inference.engine.block_manager import slot_mapping
 from model.cache import KVCache
 from model.config import ModelConfig
+from model.mamba2 import mamba_state_shapes
 
 CPU_KV_CACHE_MB = 256  # default budget on CPU / MPS: cache memory is the machine's RAM
 GPU_KV_CACHE_FRACTION = 0.5  # default budget on CUDA: this fraction of the free memory (weights loaded)
@@ -49,9 +52,18 @@ def cache_entry_shapes(cfg: ModelConfig) -> list[tuple[int, ...]]:
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Cache bytes one token takes over all layers (0 for linear attention)."""
+    """Cache bytes one token takes over all layers (0 for linear attention and Mamba-2 layers)."""
     per_layer = sum(torch.Size(shape).numel() for shape in cache_entry_shapes(cfg))
-    return cfg.n_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+    kv_layers = sum(cfg.layer_type(i) != "mamba" for i in range(cfg.n_layers))
+    return kv_layers * per_layer * torch.empty((), dtype=dtype).element_size()
+
+
+def recurrent_layers(cfg: ModelConfig) -> Optional[str]:
+    """The layers that keep a per-sequence state outside the KV blocks ("linear attention layers",
+    "Mamba-2 layers"), or None: such a model can neither share prefixes nor roll back rejected drafts."""
+    if cfg.has_mamba:
+        return "Mamba-2 layers"
+    return "linear attention layers" if cfg.attention_type == "linear" else None
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -208,34 +220,38 @@ class PagedKVLayer:
 
 
 class PagedStateLayer:
-    """One linear-attention layer's recurrent state per sequence slot: S (slots, H, d, d), z (slots, H, d)."""
+    """One recurrent layer's state tensors, each (slots, ...) with one entry per sequence slot:
+    linear attention's S (H, d, d) and z (H, d), or a Mamba-2 layer's conv (C, K-1) and ssm (H, P, N)."""
 
     paged = True
 
-    def __init__(self, owner: "PagedKVCache", s: torch.Tensor, z: torch.Tensor) -> None:
+    def __init__(self, owner: "PagedKVCache", *states: torch.Tensor) -> None:
         self.owner = owner
-        self.s, self.z = s, z
+        self.states = states
 
     @property
     def token_mask(self) -> torch.Tensor:
         return self.owner.step.token_mask
 
-    def read_state(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_state(self) -> tuple[torch.Tensor, ...]:
+        """Each row's states (B, ...); zero for rows whose chunk starts at position 0."""
         step = self.owner.step
-        keep = (~step.fresh).to(self.s.dtype)  # (B,) 0 resets a row starting at position 0
-        s = self.s[step.state_slots] * keep[:, None, None, None]  # (B, H, d, d)
-        z = self.z[step.state_slots] * keep[:, None, None]  # (B, H, d)
-        return s, z
+        out = []
+        for state in self.states:
+            keep = (~step.fresh).to(state.dtype).view(-1, *[1] * (state.dim() - 1))  # (B, 1, ...)
+            out.append(state[step.state_slots] * keep)
+        return tuple(out)
 
-    def write_state(self, s: torch.Tensor, z: torch.Tensor) -> None:
+    def write_state(self, *new: torch.Tensor) -> None:
         step = self.owner.step
-        self.s.index_copy_(0, step.state_slots, s.to(self.s.dtype))
-        self.z.index_copy_(0, step.state_slots, z.to(self.z.dtype))
+        for state, x in zip(self.states, new):
+            state.index_copy_(0, step.state_slots, x.to(state.dtype))
 
 
 class PagedKVCache(KVCache):
     """The whole model's paged cache: ``num_blocks`` blocks (+ 1 scratch block for padding writes)
-    of ``block_size`` slots in every layer, and per-slot recurrent states for linear attention.
+    of ``block_size`` slots in every attention layer, and per-slot recurrent states for linear
+    attention and Mamba-2 layers.
 
     ``begin_step`` sets the current `StepBatch` before each forward.
     """
@@ -254,19 +270,20 @@ class PagedKVCache(KVCache):
         self.step: Optional[StepBatch] = None
         num_slots = (num_blocks + 1) * block_size
         self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        hd = cfg.attn_head_dim
         layers: list = []
-        if cfg.attention_type == "linear":
-            state_dtype = torch.promote_types(dtype, torch.float32)
-            hd = cfg.attn_head_dim
-            for _ in range(cfg.n_layers):
-                s = torch.zeros(max_num_seqs, cfg.n_heads, hd, hd, device=device, dtype=state_dtype)
-                z = torch.zeros(max_num_seqs, cfg.n_heads, hd, device=device, dtype=state_dtype)
-                layers.append(PagedStateLayer(self, s, z))
-        else:
-            shapes = cache_entry_shapes(cfg)
-            for _ in range(cfg.n_layers):
-                pools = [torch.zeros(num_slots, *shape, device=device, dtype=dtype) for shape in shapes]
+        for i in range(cfg.n_layers):
+            if cfg.layer_type(i) == "mamba":
+                shapes = mamba_state_shapes(cfg)
+            elif cfg.attention_type == "linear":
+                shapes = ((cfg.n_heads, hd, hd), (cfg.n_heads, hd))
+            else:
+                pools = [torch.zeros(num_slots, *shape, device=device, dtype=dtype) for shape in cache_entry_shapes(cfg)]
                 layers.append(PagedKVLayer(self, pools))
+                continue
+            states = [torch.zeros(max_num_seqs, *shape, device=device, dtype=state_dtype) for shape in shapes]
+            layers.append(PagedStateLayer(self, *states))
         super().__init__(layers)
 
     @property
@@ -274,7 +291,7 @@ class PagedKVCache(KVCache):
         """Bytes of every pool and state tensor (the scratch block included)."""
         total = 0
         for layer in self.layers:
-            tensors = layer.pools if isinstance(layer, PagedKVLayer) else [layer.s, layer.z]
+            tensors = layer.pools if isinstance(layer, PagedKVLayer) else layer.states
             total += sum(t.numel() * t.element_size() for t in tensors)
         return total
 
