@@ -150,7 +150,7 @@ def build_trainer(cfg: SFTConfig, method: str, source: BaseModelSource, dist: Di
                   resume: Optional[str] = None) -> Trainer:
     """Inputs checked, run directory created, model built: the engine ready to `fit`."""
     tokenizer_dir, tok_hash = check_inputs(cfg, method, source, dist)
-    train_data, val_data, seq_len = build_sft_loaders(cfg, dist.rank, dist.world_size, tok_hash)
+    train_data, val_data, seq_len = build_sft_loaders(cfg, dist.dp_rank, dist.dp_size, tok_hash)
     run = start_run(cfg, STAGE, dist, resume)
     compute_dtype = pick_dtype(cfg.training.dtype, dist.device)
     model = build_sft_model(source, cfg, method, dist.device, compute_dtype)

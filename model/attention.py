@@ -159,7 +159,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if self.context_parallel is not None:  # training on this rank's share of the sequence
+        if self.context_parallel is not None and cache is None:  # training on this rank's share of the sequence
             out = self.context_parallel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale, doc_ids,
                                         self.window)  # (B, H, T, hd)
             return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))

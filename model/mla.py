@@ -96,7 +96,7 @@ class MLA(nn.Module):
         q_pe = apply_rope(q_pe, cos, sin)  # (B, T, H, dr)
         k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)  # (B, T, dr), shared by all heads
 
-        if self.context_parallel is not None:  # training on this rank's share of the sequence
+        if self.context_parallel is not None and cache is None:  # training on this rank's share of the sequence
             q, k, v = self._expand(q_nope, q_pe, c_kv, k_pe)
             out = self.context_parallel(q, k, v, self.scale, doc_ids)  # (B, H, T, dv)
             return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))

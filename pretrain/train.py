@@ -66,7 +66,7 @@ def train(cfg: ExperimentConfig, resume: Optional[str] = None, stop_at: Optional
     with launch(cfg) as dist:
         tokenizer_dir = cfg.data.tokenizer_path()
         tok_hash = required_tokenizer_hash(tokenizer_dir)
-        train_data, val_data, seq_len = build_loaders(cfg, dist.rank, dist.world_size, tok_hash)
+        train_data, val_data, seq_len = build_loaders(cfg, dist.dp_rank, dist.dp_size, tok_hash)
         run = start_run(cfg, STAGE, dist, resume)
         model = build_model(cfg.model, dist.device, torch.float32)  # fp32 master weights; AMP computes
         if cfg.checkpointing.init_from is not None:

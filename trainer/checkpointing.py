@@ -44,6 +44,7 @@ from trainer.distributed import (
     load_full_optimizer_state_dict,
     load_full_state_dict,
 )
+from trainer.pipeline import gather_full_optimizer_state, gather_full_state, split_optimizer_state
 from utils.checkpoint import (
     is_checkpoint,
     latest_checkpoint,
@@ -215,12 +216,28 @@ def _meta(trainer: Any) -> dict:
     }
 
 
+def _full_model_state(trainer: Any) -> dict[str, torch.Tensor]:
+    """The whole model's state dict (rank 0): pipeline stages each save theirs, merged."""
+    state = full_state_dict(trainer.model)
+    if getattr(trainer, "pipeline", None) is not None:
+        state = gather_full_state(state, trainer.dist.group("pp"))
+    return state
+
+
+def _full_optimizer_state(trainer: Any) -> dict:
+    """The whole optimizer state keyed by parameter name (rank 0), pipeline stages merged."""
+    state = full_optimizer_state_dict(trainer.model, trainer.optimizer)
+    if getattr(trainer, "pipeline", None) is not None:
+        state = gather_full_optimizer_state(state, trainer.dist.group("pp"), trainer.optimizer_layout)
+    return state
+
+
 def save_training_checkpoint(trainer: Any, final: bool = False) -> Optional[Path]:
     """Gather the `Trainer`'s state on every rank and write it from rank 0.
 
     ``final=True`` writes ``checkpoints/final`` (weights + tokenizer, no training state).
     """
-    model_state = full_state_dict(trainer.model)
+    model_state = _full_model_state(trainer)
     model_config = {**trainer.cfg.model.model_dump(mode="json"), **getattr(trainer, "checkpoint_config", {})}
     if final:
         model_state = trainer.final_weights(model_state) if hasattr(trainer, "final_weights") else model_state
@@ -233,7 +250,7 @@ def save_training_checkpoint(trainer: Any, final: bool = False) -> Optional[Path
     state = {
         "step": trainer.step,
         "tokens_seen": trainer.tokens_seen,
-        "optimizer": full_optimizer_state_dict(trainer.model, trainer.optimizer),
+        "optimizer": _full_optimizer_state(trainer),
         "grad_scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
         "spike_guard": trainer.guard.state_dict(),
         "checkpoints": trainer.ckpt.state_dict(),
@@ -258,9 +275,14 @@ def load_training_checkpoint(trainer: Any, path: Path, restore_data: bool) -> No
     ckpt = load_checkpoint(path, load_training_state=True)
     check_model_config(ckpt.model_config, trainer.cfg.model, path)
     ts = ckpt.training_state
-    load_full_state_dict(trainer.model, ckpt.state_dict)
+    model_state, optimizer_state = ckpt.state_dict, ts["optimizer"]
+    if getattr(trainer, "pipeline", None) is not None:  # this rank's stages take their part
+        names = set(trainer.model.state_dict())
+        model_state = {k: v for k, v in model_state.items() if k in names}
+        optimizer_state = split_optimizer_state(optimizer_state, names)
+    load_full_state_dict(trainer.model, model_state)
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
-    load_full_optimizer_state_dict(trainer.model, trainer.optimizer, ts["optimizer"])
+    load_full_optimizer_state_dict(trainer.model, trainer.optimizer, optimizer_state)
     for group, hyper in zip(trainer.optimizer.param_groups, fresh):
         group.update(hyper)
     if trainer.scaler.is_enabled() and ts["grad_scaler"]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
@@ -53,11 +53,39 @@ class DistInfo:
     local_rank: int
     device: torch.device
     is_distributed: bool
+    # the world as a mesh dp x cp (context parallel) or dp x pp (pipeline parallel), the inner
+    # dimension on neighbouring ranks; `init_parallel` sets it (None: data parallel only)
+    cp: int = 1
+    pp: int = 1
+    mesh: Optional[DeviceMesh] = None
 
     @property
     def is_main(self) -> bool:
         """Rank 0: the process that logs and writes checkpoints."""
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel replicas: the ranks that read different data."""
+        return self.world_size // (self.cp * self.pp)
+
+    @property
+    def dp_rank(self) -> int:
+        """Which share of the data this rank reads (its data loaders' rank)."""
+        return self.rank // (self.cp * self.pp)
+
+    @property
+    def cp_rank(self) -> int:
+        return self.rank % self.cp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.rank % self.pp
+
+    def group(self, dim: str) -> dist.ProcessGroup:
+        """The process group of mesh dimension ``dp``, ``cp`` or ``pp`` this rank belongs to."""
+        assert self.mesh is not None, "init_parallel has not built a device mesh"
+        return self.mesh[dim].get_group()
 
 
 def _env_int(name: str) -> int:
@@ -93,6 +121,32 @@ def init_distributed(device_pref: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if backend == "nccl" else None)
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_distributed=True)
+
+
+def init_parallel(info: DistInfo, tcfg: TrainingConfig) -> DistInfo:
+    """Lay the world out as dp x cp (``training.context_parallel``) or dp x pp
+    (``training.pipeline_parallel``); one line and exit 2 when the degree does not divide it."""
+    for key, degree in (("context_parallel", tcfg.context_parallel), ("pipeline_parallel", tcfg.pipeline_parallel)):
+        if info.world_size % degree:
+            raise UserError(f"training.{key}={degree} does not divide the world size {info.world_size} "
+                            "(torchrun --nproc_per_node x nodes)")
+    info.cp, info.pp = tcfg.context_parallel, tcfg.pipeline_parallel
+    inner = info.cp * info.pp
+    if inner > 1:
+        names = ("dp", "cp" if info.cp > 1 else "pp")
+        info.mesh = init_device_mesh(info.device.type, (info.world_size // inner, inner), mesh_dim_names=names)
+    return info
+
+
+def check_parallel(info: DistInfo, tcfg: TrainingConfig, stage: str) -> None:
+    """Context / pipeline parallelism split sequences or layers, which only the causal LM loss
+    of pretraining and SFT sums back exactly; and the mesh must be `init_parallel`'s."""
+    if tcfg.context_parallel == 1 and tcfg.pipeline_parallel == 1:
+        return
+    if stage not in ("pretrain", "sft"):
+        raise UserError(f"training.context_parallel / pipeline_parallel work in pretraining and SFT, not in {stage}")
+    if (info.cp, info.pp) != (tcfg.context_parallel, tcfg.pipeline_parallel):
+        raise RuntimeError("the process group was not laid out for this config: call init_parallel (trainer.launch)")
 
 
 def _initialized() -> bool:
@@ -235,10 +289,10 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
 
 
 # ---------------------------------------------------------------- collectives (no-ops in one process)
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over ranks, in place; returns `t`."""
+def all_reduce_sum(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Sum `t` over the ranks (of `group`, default all), in place; returns `t`."""
     if _initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 

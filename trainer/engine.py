@@ -33,11 +33,13 @@ from data_pipeline.loader import prefetching
 from model.moe import moe_load_stats, moe_modules, update_moe_biases
 from trainer.compile import compile_blocks, uncompile_blocks
 from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
-from trainer.distributed import DistInfo, all_reduce_sum, no_sync_context, wrap_model
+from trainer.context_parallel import ShardedStream, apply_context_parallel, shard_batch
+from trainer.distributed import DistInfo, all_reduce_sum, check_parallel, no_sync_context, wrap_model
 from trainer.evaluation import TextSampler, evaluate, to_device
 from trainer.losses import Batch, LossFn, batch_tokens, count_targets, micro_batch_objective, step_counts, step_means
 from trainer.metrics import MetricsLogger, Throughput, mfu, peak_flops, peak_memory_gb
 from trainer.optim import build_optimizer, set_lr
+from trainer.pipeline import Pipeline, optimizer_layout
 from trainer.schedule import lr_multiplier
 from trainer.spike_guard import Decision, SpikeGuard
 from utils.config import ExperimentConfig
@@ -104,13 +106,30 @@ class Trainer:
         if trainable is not None:
             for name, p in model.named_parameters():
                 p.requires_grad_(trainable(name, p))
+        factory = optimizer_factory or (lambda m: build_optimizer(m, self.tcfg))
+        check_parallel(dist, self.tcfg, stage)
+        self.pipeline: Optional[Pipeline] = None
+        if dist.pp > 1:  # this rank keeps its stages' parts of the model
+            self.optimizer_layout = optimizer_layout(model, factory(model))  # the checkpoints' param groups
+            self.pipeline = Pipeline(model, self.tcfg, dist.pp_rank, dist.group("pp"), dist.group("dp"),
+                                     self.device)
+            model = self.pipeline.module
+            if self.sampler is not None:
+                logger.warning("logging.sample_interval is ignored under pipeline parallelism: no rank holds "
+                               "the whole model")
+                self.sampler = None
+        if dist.cp > 1:  # every rank of a context-parallel group reads the same rows, each its share of them
+            apply_context_parallel(model, dist.group("cp"))
+            self.train_data = ShardedStream(self.train_data, dist.cp, dist.cp_rank)
+            self.val_data = None if val_data is None else lambda: map(
+                lambda b: shard_batch(b, dist.cp, dist.cp_rank), val_data())
         self.base = model
-        self.model = wrap_model(model, dist, self.tcfg)
+        self.model = model if self.pipeline is not None else wrap_model(model, dist, self.tcfg)
         self._compile_pending = False
         self._compiled_blocks: list[nn.Module] = []
         if self.tcfg.compile:
             self.model = self._compile(self.model)
-        self.optimizer = (optimizer_factory or (lambda m: build_optimizer(m, self.tcfg)))(model)
+        self.optimizer = factory(model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.guard = SpikeGuard(self.tcfg.spike_threshold, self.tcfg.spike_window, self.tcfg.spike_max_consecutive,
@@ -229,6 +248,11 @@ class Trainer:
         """All micro-batches of one step; returns the step's global mean loss and logged sums."""
         accum = self.tcfg.grad_accum_steps
         micro = [to_device(next(self.train_data), self.device) for _ in range(accum)]
+        if self.pipeline is not None:  # the micro-batches go through the pipeline schedule
+            with self.amp():
+                stats = self.pipeline.forward_backward(micro, self.count_fn, self.dist.dp_size)
+            self.throughput.add(stats["tokens"])
+            return stats
         local_counts = step_counts(self.base, micro, self.count_fn)  # main targets + each term's own
         count_names = list(local_counts)
         reduced = all_reduce_sum(torch.tensor([local_counts[k] for k in count_names], dtype=torch.int64,
@@ -287,7 +311,10 @@ class Trainer:
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
         max_norm = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if self.pipeline is not None:
+            norm = self.pipeline.clip_grad_norm(max_norm)  # over all stages
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         stats["grad_norm"] = grad_norm = float(norm.item())
         loss = stats["loss"]
@@ -305,7 +332,7 @@ class Trainer:
                 # an fp16 overflow, rejected this update. Without it the next unscale_ raises.
                 self.scaler.update(new_scale=self.scaler.get_scale())
         if decision.action == "step":
-            update_moe_biases(self.base)
+            update_moe_biases(self.base, self.dist.group("dp") if self.pipeline is not None else None)
         else:
             for _, layer in moe_modules(self.base):  # drop the skipped step's expert counts
                 layer.tokens_per_expert.zero_()
@@ -377,7 +404,10 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         """Validation loss / perplexity over ``eval_steps`` batches per rank (all-reduced)."""
-        result = evaluate(self.model, self.val_data(), self.loss_fn, self.tcfg.eval_steps, self.device, self.amp)
+        if self.pipeline is not None:
+            result = self.pipeline.evaluate(self.val_data(), self.tcfg.eval_steps, self.device, self.amp)
+        else:
+            result = evaluate(self.model, self.val_data(), self.loss_fn, self.tcfg.eval_steps, self.device, self.amp)
         self.last_val, self.last_val_step = result, self.step
         best = self.ckpt.is_best(result["val_loss"])
         self._record({**result, "best": best})

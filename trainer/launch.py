@@ -16,7 +16,14 @@ from typing import Iterator, Optional
 
 import torch
 
-from trainer.distributed import DistInfo, barrier, broadcast_object, destroy_distributed, init_distributed
+from trainer.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    destroy_distributed,
+    init_distributed,
+    init_parallel,
+)
 from utils.checkpoint import list_checkpoints
 from utils.config import ExperimentConfig, add_config_args
 from utils.device import describe, pick_dtype, seed_everything
@@ -35,7 +42,7 @@ def launch(cfg: ExperimentConfig) -> Iterator[DistInfo]:
     Check the inputs (data, tokenizer) before `start_run`, so a user mistake is one line on
     stderr and leaves no empty run directory.
     """
-    dist = init_distributed(cfg.training.device)
+    dist = init_parallel(init_distributed(cfg.training.device), cfg.training)
     seed_everything(cfg.training.seed)
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -97,6 +97,13 @@ class TrainingConfig(Section):
     compile_backend: str = Field("inductor", min_length=1)
     parallelism: Literal["ddp", "fsdp"] = "ddp"  # used when launched with torchrun (WORLD_SIZE > 1)
     activation_checkpointing: bool = False
+    # under torchrun the world is a data-parallel x context-parallel (or x pipeline-parallel) mesh:
+    # context_parallel ranks share each sequence (ring attention, trainer/context_parallel.py);
+    # pipeline_parallel ranks each hold a slice of the layers (trainer/pipeline.py)
+    context_parallel: PositiveInt = 1
+    pipeline_parallel: PositiveInt = 1
+    pipeline_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"  # interleaved: 2 stages per rank
+    pipeline_split: Optional[list[PositiveInt]] = None  # layers per stage (None: equal)
     # evaluation
     eval_interval: PositiveInt = 200
     eval_steps: PositiveInt = 20
@@ -106,6 +113,35 @@ class TrainingConfig(Section):
     spike_window: PositiveInt = 50
     spike_max_consecutive: PositiveInt = 5  # then roll back to the last good checkpoint
     spike_lr_factor: float = Field(0.5, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_parallel(self) -> "TrainingConfig":
+        if self.context_parallel > 1 and self.pipeline_parallel > 1:
+            raise ValueError("context_parallel and pipeline_parallel cannot be combined; use one of them")
+        if self.pipeline_parallel > 1 and self.grad_accum_steps < self.pipeline_parallel:
+            raise ValueError(f"pipeline_parallel={self.pipeline_parallel} needs grad_accum_steps (the micro-batches) "
+                             f">= the number of stages, got grad_accum_steps={self.grad_accum_steps}")
+        return self
+
+    def pipeline_stages(self) -> int:
+        """Pipeline stages in all: two per rank for the interleaved schedule."""
+        return self.pipeline_parallel * (2 if self.pipeline_schedule == "interleaved_1f1b" else 1)
+
+
+def stage_layer_counts(n_layers: int, tcfg: TrainingConfig) -> list[int]:
+    """Layers of each pipeline stage: ``training.pipeline_split``, or equal shares.
+    ValueError (naming the keys) when they do not cover every layer."""
+    stages = tcfg.pipeline_stages()
+    split = tcfg.pipeline_split
+    if split is not None:
+        if len(split) != stages or sum(split) != n_layers:
+            raise ValueError(f"training.pipeline_split={split} must give {stages} stages summing to "
+                             f"model.n_layers={n_layers}")
+        return list(split)
+    if n_layers % stages:
+        raise ValueError(f"model.n_layers={n_layers} is not divisible into {stages} pipeline stages: set "
+                         "training.pipeline_split (layers per stage)")
+    return [n_layers // stages] * stages
 
 
 class LoggingConfig(Section):
@@ -171,6 +207,17 @@ class ExperimentConfig(Section):
             self.logging.run_name = self.logging.run_name.replace("{timestamp}", stamp)
         if "/" in self.logging.run_name or self.logging.run_name in (".", ".."):
             raise ValueError(f"logging.run_name must be a plain name, got {self.logging.run_name!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_parallel_shapes(self) -> "ExperimentConfig":
+        cp = self.training.context_parallel
+        seq_len = self.data.seq_len or self.model.max_seq_len
+        if cp > 1 and seq_len % (2 * cp):
+            raise ValueError(f"sequence length {seq_len} (data.seq_len, else model.max_seq_len) is not divisible by "
+                             f"2 x training.context_parallel = {2 * cp} (zig-zag sharding)")
+        if self.training.pipeline_parallel > 1:
+            stage_layer_counts(self.model.n_layers, self.training)
         return self
 
 
