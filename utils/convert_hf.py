@@ -2,6 +2,7 @@
 
     python utils/convert_hf.py --hf_dir DIR --out CKPT_DIR         # Hugging Face -> checkpoint
     python utils/convert_hf.py --checkpoint CKPT_DIR --to_hf DIR   # checkpoint -> Hugging Face
+    python utils/convert_hf.py --checkpoint CKPT_DIR --to_gguf out.gguf [--outtype f32|f16|q8_0]
 
 Families: llama (2, 3), qwen2, qwen3, mistral, gemma2, gemma3 (text), deepseek_v3 (see
 `model/hf.py`). Tokenizer files (with the chat template) and ``generation_config.json`` (the
@@ -9,6 +10,10 @@ model's eos ids and sampling defaults, read by the inference engine) present in 
 directory are copied along, both ways. The special token ids of an imported config are kept in
 the checkpoint's meta.json and written back on export; a checkpoint trained here gets them from
 its own tokenizer.json.
+
+``--to_gguf`` writes one GGUF file for llama.cpp and Ollama (`model/gguf.py`: Llama, Mistral,
+Qwen2, Qwen3), the byte-level BPE tokenizer and chat template embedded; ``--checkpoint`` may
+then also be a Hugging Face directory.
 
 Reward models go both ways too: a reward-model checkpoint (config.json ``"task": "reward_model"``)
 exports as ``<Family>ForSequenceClassification`` with one label and the tokenizer's pad token
@@ -29,6 +34,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from data_pipeline.formats import EOS_TOKEN, PAD_TOKEN  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
+from model.gguf import OUTTYPES, GGUFExportError, check_exportable, write_gguf  # noqa: E402
 from model.hf import (HFFormatError, is_reward_config, load_hf_dir, load_hf_reward_dir, read_hf_config,  # noqa: E402
                       save_hf_dir, save_hf_reward_dir)
 from utils.checkpoint import (CAUSAL_LM, REWARD_MODEL, TASK_KEY, TOKENIZER_FILES, checkpoint_task,  # noqa: E402
@@ -103,6 +109,55 @@ def checkpoint_to_hf(ckpt_dir: Path, out: Path) -> ModelConfig:
     return cfg
 
 
+def _gguf_tokenizer(path: Path, token_ids: dict[str, int]) -> dict:
+    """write_gguf's tokenizer arguments from the tokenizer files in ``path`` (UserError without any)."""
+    from tokenizers import Tokenizer
+
+    from data_pipeline.chat import read_chat_template
+
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        raise UserError(f"--checkpoint {path} has no tokenizer.json: llama.cpp and Ollama read the vocabulary "
+                        "from the GGUF file")
+    encoded = Tokenizer.from_file(str(file)).encode("a")
+    add_bos = bool(encoded.special_tokens_mask and encoded.special_tokens_mask[0])
+    special = {k.removesuffix("_token_id"): v for k, v in token_ids.items()}
+    if add_bos:
+        special["bos"] = encoded.ids[0]
+    return {"tokenizer": json.loads(file.read_text()), "special_ids": special, "add_bos": add_bos,
+            "chat_template": read_chat_template(path)[0]}
+
+
+def checkpoint_to_gguf(src: Path, out: Path, outtype: str) -> ModelConfig:
+    """Export a checkpoint (or Hugging Face) directory as one GGUF file at ``out``."""
+    if src.is_dir() and (src / "config.json").is_file() and "model_type" in json.loads((src / "config.json").read_text()):
+        try:
+            cfg, state_dict = load_hf_dir(src)
+        except HFFormatError as e:
+            raise UserError(f"--checkpoint {src}: {e}") from None
+        token_ids = {k: v for k, v in read_hf_config(src).items() if k in TOKEN_ID_FIELDS and isinstance(v, int)}
+    else:
+        ckpt = load_checkpoint(src)
+        if ckpt.task != CAUSAL_LM:
+            raise UserError(f"--checkpoint {src} is a {ckpt.task}: only causal language models export to GGUF")
+        try:
+            cfg = ModelConfig(**ckpt.model_config)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise UserError(f"{src}/config.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        state_dict = ckpt.state_dict
+        token_ids = ckpt.meta.get("hf_token_ids") or _tokenizer_token_ids(src)
+    try:
+        check_exportable(cfg)
+        if cfg.sliding_window is not None:
+            print(f"warning: llama.cpp's {cfg.family} attends to the whole context: the export equals this model "
+                  f"up to {cfg.sliding_window} tokens (its sliding window)", file=sys.stderr)
+        write_gguf(cfg, state_dict, out, outtype, name=src.name, **_gguf_tokenizer(src, token_ids))
+    except GGUFExportError as e:
+        raise UserError(f"--checkpoint {src}: {e}") from None
+    return cfg
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = parser.add_mutually_exclusive_group(required=True)
@@ -110,16 +165,25 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     src.add_argument("--checkpoint", help="checkpoint directory to export")
     parser.add_argument("--out", help="checkpoint directory to write (with --hf_dir)")
     parser.add_argument("--to_hf", help="Hugging Face directory to write (with --checkpoint)")
+    parser.add_argument("--to_gguf", help="GGUF file to write (with --checkpoint)")
+    parser.add_argument("--outtype", choices=OUTTYPES, default="f32", help="GGUF weight type (default f32)")
     args = parser.parse_args(argv)
 
     if args.hf_dir is not None:
-        if args.out is None or args.to_hf is not None:
-            raise UserError("--hf_dir needs --out CKPT_DIR (and no --to_hf)")
+        if args.out is None or args.to_hf is not None or args.to_gguf is not None:
+            raise UserError("--hf_dir needs --out CKPT_DIR (and no --to_hf / --to_gguf)")
         source, target = resolve_path(args.hf_dir), resolve_path(args.out)
         cfg = hf_to_checkpoint(source, target)
+    elif args.to_gguf is not None:
+        if args.to_hf is not None or args.out is not None:
+            raise UserError("--checkpoint takes one of --to_hf DIR or --to_gguf FILE (and no --out)")
+        source, target = resolve_path(args.checkpoint), resolve_path(args.to_gguf)
+        cfg = checkpoint_to_gguf(source, target, args.outtype)
+        print(f"{source} -> {target} ({cfg.family}, {args.outtype}, {cfg.n_layers} layers, dim {cfg.dim})")
+        return
     else:
         if args.to_hf is None or args.out is not None:
-            raise UserError("--checkpoint needs --to_hf DIR (and no --out)")
+            raise UserError("--checkpoint needs --to_hf DIR or --to_gguf FILE (and no --out)")
         source, target = resolve_path(args.checkpoint), resolve_path(args.to_hf)
         cfg = checkpoint_to_hf(source, target)
     kind = ", reward model" if checkpoint_task(target if args.hf_dir is not None else source) == REWARD_MODEL else ""
