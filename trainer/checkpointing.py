@@ -226,10 +226,10 @@ def _full_model_state(trainer: Any) -> dict[str, torch.Tensor]:
 
 def _full_optimizer_state(trainer: Any) -> dict:
     """The whole optimizer state keyed by parameter name (rank 0), pipeline stages merged."""
-    state = full_optimizer_state_dict(trainer.model, trainer.optimizer)
     if getattr(trainer, "pipeline", None) is not None:
-        state = gather_full_optimizer_state(state, trainer.dist.group("pp"), trainer.optimizer_layout)
-    return state
+        return gather_full_optimizer_state(trainer.model, trainer.optimizer, trainer.dist.group("pp"),
+                                           trainer.optimizer_layout)
+    return full_optimizer_state_dict(trainer.model, trainer.optimizer)
 
 
 def save_training_checkpoint(trainer: Any, final: bool = False) -> Optional[Path]:

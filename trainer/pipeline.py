@@ -28,6 +28,7 @@ from typing import Any, Callable, ContextManager, Iterable, Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.distributed.pipelining import ScheduleLoopedBFS
 
@@ -216,10 +217,15 @@ def gather_full_state(state: dict[str, Tensor], group: dist.ProcessGroup) -> dic
     return {k: v for part in parts for k, v in part.items()}
 
 
-def gather_full_optimizer_state(state: dict, group: dist.ProcessGroup, layout: list[list[str]]) -> dict:
-    """Every stage's name-keyed optimizer state (`full_optimizer_state_dict`) merged into the
-    whole model's: ``state`` united, param groups as `layout` (the parameter names of each
-    group of the optimizer built over the whole model, `optimizer_layout`)."""
+def gather_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, group: dist.ProcessGroup,
+                                layout: list[list[str]]) -> dict:
+    """Every stage's optimizer state, keyed by parameter name, merged into the whole model's:
+    ``state`` united, param groups as `layout` (the parameter names of each group of the
+    optimizer built over the whole model, `optimizer_layout`). The format of
+    `trainer.distributed.full_optimizer_state_dict`."""
+    state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
+    state["state"] = {name: {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
+                      for name, st in state["state"].items()}
     parts: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(parts, state, group=group)
     hyper = {n: g for part in parts for g in part["param_groups"] for n in g["params"]}
