@@ -1,8 +1,11 @@
 """Named model sizes, as data (the torchtitan way): a preset is a dict of `ModelConfig` fields.
 
 ``tiny`` and the ``tiny-<family>`` presets are for tests and quick experiments; each family
-preset turns on that family's architecture features at toy width. ``bench-A`` / ``bench-B``
-are the sizes the benchmarks compare against Hugging Face. Any field can be overridden:
+preset turns on that family's architecture features at toy width (``tiny-mamba2-hybrid``: Mamba-2
+layers around an attention layer, which has no Hugging Face counterpart). ``bench-A`` / ``bench-B``
+are the sizes the benchmarks compare against Hugging Face. ``mamba2-nano`` is the nano Mamba-2
+recipe (`configs/pretrain/mamba2_nano.yaml`): the width and vocabulary of the nano Llama 3 and
+about its parameter count (1.23 M vs 1.26 M), so 6 Mamba-2 layers (no FFN) for its 4 blocks. Any field can be overridden:
 ``get_preset("tiny-gemma2", n_layers=4)``.
 """
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 from model.config import ModelConfig
 
 _TINY = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=172, max_seq_len=128)
+_TINY_MAMBA = dict(mamba_state_size=16, mamba_head_dim=16, mamba_n_groups=2, mamba_chunk_size=16)
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(_TINY),
@@ -52,6 +56,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                  scoring_func="sigmoid", n_group=4, topk_group=2, routed_scaling_factor=2.5,
                  first_k_dense_replace=1),
         mtp_depth=1,
+    ),
+    "tiny-mamba2": dict(_TINY, **_TINY_MAMBA, family="mamba2", position_type="none", tie_embeddings=True),
+    "tiny-mamba2-hybrid": dict(_TINY, **_TINY_MAMBA, family="mamba2", n_layers=3,
+                               layer_types=["mamba", "full", "mamba"]),
+    "mamba2-nano": dict(
+        family="mamba2", vocab_size=4096, dim=128, n_layers=6, max_seq_len=512, position_type="none",
+        tie_embeddings=True, mamba_state_size=64, mamba_head_dim=32, mamba_expand=2, mamba_n_groups=1,
+        mamba_chunk_size=64,
     ),
 }
 

@@ -21,6 +21,8 @@ DOC_CASES = {
     "softcap_gemma2": get_preset("tiny-gemma2", sliding_window=4),
     "mla_moe": get_preset("tiny-deepseek_v3"),
     "linear_attention": get_preset("tiny", attention_type="linear"),
+    "mamba2": get_preset("tiny-mamba2", mamba_chunk_size=4),  # documents end mid-chunk and across chunks
+    "mamba2_hybrid": get_preset("tiny-mamba2-hybrid", mamba_chunk_size=8),
 }
 
 

@@ -30,6 +30,8 @@ CASES = {
     "moe": get_preset("tiny", moe=MOE),
     "mla_moe_deepseek": get_preset("tiny-deepseek_v3", n_layers=2),  # layer 0 dense, layer 1 MoE
     "mla_plain_q": get_preset("tiny-deepseek_v3", q_lora_rank=None, moe=None, mtp_depth=0, rope_scaling=None),
+    "mamba2": get_preset("tiny-mamba2", mamba_chunk_size=4),  # the 8-token prompt spans 2 chunks
+    "mamba2_hybrid": get_preset("tiny-mamba2-hybrid"),
 }
 
 
@@ -74,7 +76,8 @@ def test_mla_absorbed_decode_matches_naive_full_forward(name: str) -> None:
     assert (inc - full).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["sliding_window", "softcap_gemma2", "alibi", "mla_moe_deepseek", "linear_attention"])
+@pytest.mark.parametrize("name", ["sliding_window", "softcap_gemma2", "alibi", "mla_moe_deepseek", "linear_attention",
+                                  "mamba2", "mamba2_hybrid"])
 def test_chunked_prefill_matches_full_forward(name: str) -> None:
     # chunks that start mid-window exercise masks with a cache offset
     cfg = CASES[name]

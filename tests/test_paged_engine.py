@@ -34,6 +34,8 @@ KINDS = {
     "mla": dict(preset="tiny-deepseek_v3"),  # MLA + MoE + MTP weights
     "linear_attention": dict(preset="tiny", attention_type="linear"),
     "moe": dict(preset="tiny", moe=MOE),
+    "mamba2": dict(preset="tiny-mamba2", mamba_chunk_size=4),
+    "mamba2_hybrid": dict(preset="tiny-mamba2-hybrid"),
 }
 PROMPT_LENS = (5, 11, 17)
 NEW = 20
