@@ -237,3 +237,11 @@ def test_speculative_decoding_is_refused(checkpoints) -> None:
     with pytest.raises(UserError, match="Mamba-2 layers cannot roll back"):
         LLMEngine(checkpoints["tiny-mamba2"], device="cpu", dtype="fp32",
                   draft_checkpoint=checkpoints["tiny-mamba2-hybrid"])
+
+
+def test_context_parallel_refuses_mamba_layers() -> None:
+    from trainer.context_parallel import check_supported
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="Mamba-2 layers"):
+        check_supported(build_model(get_preset("tiny-mamba2-hybrid")))

@@ -18,7 +18,7 @@ ranks (data- and context-parallel), which gives exactly the single-process gradi
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from model.positions import positions_from_doc_ids
 from trainer.ring_attention import RingLayout, ring_attention
+from utils.config import TrainingConfig
 from utils.errors import UserError
 
 Batch = dict[str, Tensor]
@@ -87,13 +88,15 @@ class RingAttention:
         return ring_attention(q, k, v, scale, RingLayout(self.group, slots, docs), window)
 
 
-def check_supported(model: nn.Module) -> None:
+def check_supported(model: nn.Module, tcfg: TrainingConfig) -> None:
     """Refuse (one line) what ring attention does not compute exactly."""
     cfg = getattr(model, "cfg", None)
     if cfg is None:
         raise UserError("training.context_parallel needs a model of this toolkit (model.Transformer)")
     problems = {
+        "training.compile (the ring's point-to-point sends)": tcfg.compile,
         "model.attention_type=linear": cfg.attention_type == "linear",
+        "Mamba-2 layers (their scan runs along the whole sequence)": cfg.has_mamba,
         "model.position_type=alibi": cfg.position_type == "alibi",
         "model.attn_logit_softcap": cfg.attn_logit_softcap is not None,
         "model.dropout > 0 (attention dropout)": cfg.dropout > 0,
@@ -106,13 +109,20 @@ def check_supported(model: nn.Module) -> None:
         raise UserError(f"training.context_parallel > 1 does not support {', '.join(bad)}")
 
 
-def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup) -> None:
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup, tcfg: TrainingConfig) -> None:
     """Give every attention layer of `model` the ring-attention hook over `group`."""
-    check_supported(model)
+    check_supported(model, tcfg)
     hook = RingAttention(group)
     for module in model.modules():
         if hasattr(module, "context_parallel"):
             module.context_parallel = hook
+
+
+def shard_data(train_data: Iterator[Batch], val_data: Optional[Callable[[], Iterable[Batch]]], cp: int,
+               rank: int) -> tuple[Iterator[Batch], Optional[Callable[[], Iterable[Batch]]]]:
+    """The engine's training stream and validation factory, each batch cut to this rank's share."""
+    sharded_val = None if val_data is None else lambda: (shard_batch(b, cp, rank) for b in val_data())
+    return ShardedStream(train_data, cp, rank), sharded_val
 
 
 class ShardedStream:
