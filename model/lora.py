@@ -158,6 +158,8 @@ class LoraExperts(StackedExperts):
     parent's ``forward``, which calls our ``expert_weights`` / ``expert``.
     """
 
+    grouped_gemm = False  # the loop calls our expert_weights / expert
+
     def __init__(
         self, base: StackedExperts, names: list[str], r: int, alpha: float, dropout: float,
         dtype: Optional[torch.dtype] = None,

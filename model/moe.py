@@ -112,7 +112,14 @@ class Router(nn.Module):
 
 
 class StackedExperts(nn.Module):
-    """E bias-free experts stored as 3-D parameters; tokens dispatched by sorting (token, slot) pairs by expert."""
+    """E bias-free experts stored as 3-D parameters; tokens dispatched by sorting (token, slot) pairs by expert.
+
+    The experts run as one grouped GEMM per projection where torch has the kernel, else one GEMM
+    per expert. Subclasses whose experts are not the plain (E, ...) parameters (LoRA, NF4) set
+    ``grouped_gemm = False`` and provide `expert_weights` / `expert` for the loop.
+    """
+
+    grouped_gemm = True
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int, ffn_type: str, init_std: float):
         super().__init__()
@@ -141,6 +148,14 @@ class StackedExperts(nn.Module):
         h = self.act(F.linear(x, gate[0])) * up if self.is_glu else self.act(up)  # (n, H)
         return F.linear(h, down_w)  # (n, D)
 
+    def grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Every expert in one grouped GEMM per projection: xs (n, D) in expert order, ``counts``
+        (E,) rows per expert → (n, D). No host sync: the group offsets stay on the device."""
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # (E,) end row of each expert's group
+        up = _grouped_mm(xs, self.up_proj.transpose(1, 2), offs)  # (n, H)
+        h = self.act(_grouped_mm(xs, self.gate_proj.transpose(1, 2), offs)) * up if self.is_glu else self.act(up)
+        return _grouped_mm(h, self.down_proj.transpose(1, 2), offs)  # (n, D)
+
     @torch.compiler.disable  # data-dependent group sizes: compiled, every new split would be a new graph
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         # x: (N, D), weights/indices: (N, k) → (N, D)
@@ -148,16 +163,38 @@ class StackedExperts(nn.Module):
         flat_expert = indices.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat_expert, stable=True)  # slots grouped by expert
         token_of_slot = order // top_k  # (N*k,) source token of each sorted slot
-        counts = torch.bincount(flat_expert, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (E,)
         xs = x[token_of_slot]  # (N*k, D) tokens in expert order
-        outs, start = [], 0
-        for mats, n in zip(self.expert_weights(), counts):
-            if n:
-                outs.append(self.expert(mats, xs[start : start + n]))
-                start += n
-        ys = torch.cat(outs) * weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, D), fp32 gate weights
+        if self.grouped_gemm and grouped_mm_supported(xs, self.up_proj):
+            ys = self.grouped(xs, counts)
+        else:  # one GEMM per expert that received tokens
+            outs, start = [], 0
+            for mats, n in zip(self.expert_weights(), counts.tolist()):
+                if n:
+                    outs.append(self.expert(mats, xs[start : start + n]))
+                    start += n
+            ys = torch.cat(outs)
+        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, D), fp32 gate weights
         out = torch.zeros_like(x)  # (N, D)
         return out.index_add_(0, token_of_slot, ys.to(x.dtype))
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x (n, in) @ w[g] (E, in, out) for the rows of group g (ends at ``offs[g]``) → (n, out)."""
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, w, offs=offs)
+
+
+def grouped_mm_supported(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM runs here: a CPU kernel (any float dtype, 16-byte aligned
+    operands) or CUDA sm80+ (bf16); otherwise `StackedExperts` loops over the experts."""
+    if not (hasattr(F, "grouped_mm") or hasattr(torch, "_grouped_mm")) or x.dtype != w.dtype:
+        return False
+    if w.device.type == "cpu":
+        return w.data_ptr() % 16 == 0 and x.data_ptr() % 16 == 0 and x.dtype in (torch.float32, torch.bfloat16)
+    if w.device.type == "cuda":
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(w.device) >= (8, 0)
+    return False
 
 
 class MoE(nn.Module):

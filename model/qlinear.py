@@ -193,6 +193,8 @@ class NF4Experts(StackedExperts):
     sorting and combining are the parent's ``forward``.
     """
 
+    grouped_gemm = False  # the loop calls our expert_weights / expert
+
     def __init__(
         self,
         experts: StackedExperts,

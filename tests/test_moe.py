@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig, MoEConfig
-from model.moe import MoE, moe_aux_loss, moe_load_stats, route_tokens, seq_aux_loss, update_moe_biases
+from model.moe import MoE, grouped_mm_supported, moe_aux_loss, moe_load_stats, route_tokens, seq_aux_loss, update_moe_biases
 
 
 def _logit(p: list[float]) -> torch.Tensor:
@@ -99,6 +99,28 @@ def test_vectorised_dispatch_equals_per_token_loop():
             ref[t] += weights[t, j] * _expert_by_hand(moe, e, flat[t : t + 1])[0]
     ref = ref.view_as(x) + moe.shared_experts(x)
     torch.testing.assert_close(out, ref)
+
+
+def test_grouped_gemm_equals_the_per_expert_loop():
+    """fp32 on CPU takes torch's grouped GEMM; outputs and every gradient equal the loop's,
+    with an expert that receives no token (an empty group)."""
+    torch.manual_seed(0)
+    moe = MoE(_cfg(n_group=1, topk_group=1)).train()
+    with torch.no_grad():
+        moe.gate.e_score_correction_bias[3] = -100.0  # expert 3 is never chosen
+    x = torch.randn(2, 24, 16)
+    assert grouped_mm_supported(x.reshape(-1, 16), moe.experts.up_proj)
+    results = []
+    for grouped in (True, False):
+        moe.experts.grouped_gemm = grouped
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        out = moe(xg)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), xg.grad, *(p.grad.clone() for p in moe.experts.parameters())))
+    assert int(moe.tokens_per_expert[3]) == 0
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_parameter_names_and_shapes():
