@@ -71,7 +71,7 @@ def _all_subjects(shared_data: Path) -> tuple[str, ...]:
     return tuple(sorted(p.name[:-len("_val.csv")] for p in (shared_data / "mmlu" / "val").glob("*_val.csv")))
 
 
-@pytest.mark.parametrize("split", ["four_subjects", pytest.param("whole_val", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("split", ["four_subjects", pytest.param("whole_val", marks=[pytest.mark.slow, pytest.mark.long])])
 def test_mmlu_loglikelihoods_and_accuracy_equal_lm_eval(models, shared_data, tmp_path, split):
     ours, ref = models
     subjects = MMLU_SUBJECTS if split == "four_subjects" else _all_subjects(shared_data)
