@@ -241,7 +241,8 @@ def test_speculative_decoding_is_refused(checkpoints) -> None:
 
 def test_context_parallel_refuses_mamba_layers() -> None:
     from trainer.context_parallel import check_supported
+    from utils.config import TrainingConfig
     from utils.errors import UserError
 
     with pytest.raises(UserError, match="Mamba-2 layers"):
-        check_supported(build_model(get_preset("tiny-mamba2-hybrid")))
+        check_supported(build_model(get_preset("tiny-mamba2-hybrid")), TrainingConfig())
