@@ -57,6 +57,13 @@ def test_bad_config_under_torchrun_is_one_line_and_exit_2() -> None:
 
 
 @pytest.mark.slow
+def test_parallel_degree_not_dividing_the_world_is_one_line_and_exit_2() -> None:
+    proc, seconds = _torchrun(["pretrain/train.py", "--config_path", "configs/pretrain/tiny.yaml",
+                               "--set", "training.pipeline_parallel=4", "--set", "training.grad_accum_steps=4"])
+    _assert_reported_once(proc, seconds, "training.pipeline_parallel=4 does not divide the world size 2")
+
+
+@pytest.mark.slow
 def test_existing_run_dir_under_torchrun_is_one_line_and_exit_2(tmp_path: Path) -> None:
     from pretrain.train import train
 

@@ -22,6 +22,8 @@ checkpoints saved at a step that was also validated (the last step always is).
 Model and optimizer state are gathered unsharded and keyed by parameter name
 (`trainer.distributed.full_state_dict` / `full_optimizer_state_dict`), so single-process,
 DDP and FSDP runs share one format (a run saved by FSDP on N ranks resumes in one process).
+Under pipeline parallelism each stage contributes its parameters and optimizer state and rank 0
+writes them merged, in the same format; on resume each stage takes its part.
 Multi-node runs need the run directory on a shared filesystem: every rank reads it.
 """
 from __future__ import annotations

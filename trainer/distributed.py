@@ -7,6 +7,11 @@ Parallelism is applied from outside the model, as in torchtitan:
 - ``fsdp``: FSDP2 `fully_shard` (Zhao et al. 2023, "PyTorch FSDP") on every transformer
   block (`model.layers`, plus `model.mtp` modules when present) and on the root — parameters,
   gradients and optimizer state are sharded along dim 0 as DTensors.
+- context / pipeline parallelism (``training.context_parallel`` / ``pipeline_parallel``): the
+  world laid out as a device mesh dp x cp or dp x pp (`init_parallel`). DDP / FSDP2 then average
+  gradients over every rank (the cp ranks of a sequence each hold part of its gradient);
+  pipeline stages reduce theirs over dp only (`trainer.pipeline`). Data loaders shard by
+  ``dp_rank`` / ``dp_size``.
 - activation checkpointing (Chen et al. 2016): each block's forward is recomputed in the
   backward pass (`torch.utils.checkpoint`, non-reentrant). The block's class is swapped for a
   subclass whose forward checkpoints, so parameter names and state dicts do not change.

@@ -16,6 +16,11 @@ unscale (fp16), clip, let the spike guard judge the step, and either update (opt
 balancing biases) or skip / roll back. Then log, evaluate, sample and save on their intervals.
 AMP through `torch.autocast` (bf16, or fp16 with a `GradScaler`), `torch.compile` with a
 warning fallback, DDP / FSDP2 from `trainer.distributed`; rank 0 alone logs and writes.
+
+Pretraining and SFT also run with ``training.context_parallel`` (each batch cut into the
+ranks' zig-zag shares, attention by ring: `trainer.context_parallel`; the step is otherwise
+the same) or ``training.pipeline_parallel`` (the step's micro-batches go through a
+`torch.distributed.pipelining` schedule over this rank's stages: `trainer.pipeline`).
 """
 from __future__ import annotations
 
@@ -33,7 +38,7 @@ from data_pipeline.loader import prefetching
 from model.moe import moe_load_stats, moe_modules, update_moe_biases
 from trainer.compile import compile_blocks, uncompile_blocks
 from trainer.checkpointing import CheckpointManager, load_training_checkpoint, resolve_resume, save_training_checkpoint
-from trainer.context_parallel import ShardedStream, apply_context_parallel, shard_batch
+from trainer.context_parallel import apply_context_parallel, shard_data
 from trainer.distributed import DistInfo, all_reduce_sum, check_parallel, no_sync_context, wrap_model
 from trainer.evaluation import TextSampler, evaluate, to_device
 from trainer.losses import Batch, LossFn, batch_tokens, count_targets, micro_batch_objective, step_counts, step_means
@@ -111,18 +116,14 @@ class Trainer:
         self.pipeline: Optional[Pipeline] = None
         if dist.pp > 1:  # this rank keeps its stages' parts of the model
             self.optimizer_layout = optimizer_layout(model, factory(model))  # the checkpoints' param groups
-            self.pipeline = Pipeline(model, self.tcfg, dist.pp_rank, dist.group("pp"), dist.group("dp"),
-                                     self.device)
-            model = self.pipeline.module
+            self.pipeline = Pipeline(model, self.tcfg, dist)
             if self.sampler is not None:
-                logger.warning("logging.sample_interval is ignored under pipeline parallelism: no rank holds "
-                               "the whole model")
-                self.sampler = None
-        if dist.cp > 1:  # every rank of a context-parallel group reads the same rows, each its share of them
-            apply_context_parallel(model, dist.group("cp"))
-            self.train_data = ShardedStream(self.train_data, dist.cp, dist.cp_rank)
-            self.val_data = None if val_data is None else lambda: map(
-                lambda b: shard_batch(b, dist.cp, dist.cp_rank), val_data())
+                logger.warning("logging.sample_interval is ignored under pipeline parallelism: no rank holds the "
+                               "whole model to sample from")
+            model, self.sampler = self.pipeline.module, None
+        if dist.cp > 1:  # the ranks of a context-parallel group read the same rows, each its share of them
+            apply_context_parallel(model, dist.group("cp"), self.tcfg)
+            self.train_data, self.val_data = shard_data(self.train_data, val_data, dist.cp, dist.cp_rank)
         self.base = model
         self.model = model if self.pipeline is not None else wrap_model(model, dist, self.tcfg)
         self._compile_pending = False

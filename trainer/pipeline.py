@@ -35,7 +35,7 @@ from torch.distributed.pipelining import ScheduleLoopedBFS
 from model.positions import positions_from_doc_ids
 from model.transformer import Transformer
 from data_pipeline.loader import IGNORE_INDEX
-from trainer.distributed import all_reduce_sum
+from trainer.distributed import DistInfo, all_reduce_sum
 from trainer.evaluation import to_device
 from trainer.losses import Batch, batch_tokens, cross_entropy_sum
 from utils.config import TrainingConfig, stage_layer_counts
@@ -98,9 +98,9 @@ def rank_stages(tcfg: TrainingConfig, pp_rank: int) -> list[int]:
 class Pipeline:
     """This rank's stages and schedules; `step` runs one optimizer step's forward + backward."""
 
-    def __init__(self, model: Transformer, tcfg: TrainingConfig, pp_rank: int, pp_group: dist.ProcessGroup,
-                 dp_group: Optional[dist.ProcessGroup], device: torch.device) -> None:
+    def __init__(self, model: Transformer, tcfg: TrainingConfig, info: DistInfo) -> None:
         check_supported(model, tcfg)
+        pp_rank, pp_group, dp_group = info.pp_rank, info.group("pp"), info.group("dp")
         try:
             counts = stage_layer_counts(model.cfg.n_layers, tcfg)
         except ValueError as e:
@@ -116,7 +116,7 @@ class Pipeline:
         self.is_first, self.is_last = 0 in mine, n_stages - 1 in mine
         self.pp_group, self.dp_group = pp_group, dp_group
         self.scale = 1.0  # 1 / the step's global target count, set by `step`
-        stages = [PipelineStage(part, s, n_stages, device, group=pp_group) for part, s in zip(self.parts, mine)]
+        stages = [PipelineStage(part, s, n_stages, info.device, group=pp_group) for part, s in zip(self.parts, mine)]
         accum = tcfg.grad_accum_steps
         common = dict(loss_fn=self._loss, scale_grads=False)
         if tcfg.pipeline_schedule == "interleaved_1f1b":

@@ -51,7 +51,7 @@ def case(preset: str, overrides: dict, schedule: str, split, info) -> dict[str, 
 
     torch.manual_seed(0)
     model = build_model(cfg)
-    pipe = Pipeline(model, tcfg, info.pp_rank, info.group("pp"), info.group("dp"), info.device)
+    pipe = Pipeline(model, tcfg, info)
     loss_sum = torch.tensor([pipe.step(micro, targets)], dtype=torch.float64)
     dist.all_reduce(loss_sum)  # the last stage's, 0 elsewhere
     ref_grads = dict(ref.named_parameters())
