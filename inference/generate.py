@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--chat", action="store_true", help="treat the prompt as a user message (chat template)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="weight-only int8 on the CPU (torch's packed kernel; about 1/4 of the fp32 weight bytes)")
     return p.parse_args(argv)
 
 
@@ -75,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     from inference.engine.llm_engine import LLMEngine, encode_text
 
     engine = LLMEngine(args.checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype, max_num_seqs=1,
-                       draft_checkpoint=args.draft, num_speculative_tokens=args.num_speculative_tokens)
+                       draft_checkpoint=args.draft, num_speculative_tokens=args.num_speculative_tokens,
+                       quantize=args.quantize)
     if engine.tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
     if args.chat:  # the model's chat template; the turn ends at its eos ids (+ ChatML's <|im_end|>)

@@ -28,6 +28,7 @@ from torch import nn
 
 from model.cache import KVLayerCache, PagedLayerCache
 from model.config import ModelConfig
+from model.ffn import stack_linears
 from model.norms import build_norm
 from model.positions import alibi_bias, alibi_slopes, apply_rope
 
@@ -125,6 +126,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.dim, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.dim, bias=cfg.attn_out_bias)
+        self.qkv_proj: Optional[nn.Linear] = None  # q, k, v stacked: set by `fuse_projections` (inference)
         self.q_norm = build_norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.k_norm = build_norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.scale = (cfg.query_pre_attn_scalar or self.head_dim) ** -0.5
@@ -140,6 +142,16 @@ class Attention(nn.Module):
     def init_cache(self, batch_size: int, max_seq_len: int, device: torch.device, dtype: torch.dtype) -> KVLayerCache:
         return KVLayerCache(batch_size, max_seq_len, self.n_kv_heads, self.head_dim, device, dtype)
 
+    @property
+    def _qkv_sizes(self) -> list[int]:
+        return [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim]
+
+    def fuse_projections(self) -> None:
+        """For inference: q, k and v from one matmul, ``qkv_proj`` holding the three weights stacked
+        (out = H*hd + 2*n_kv*hd rows); q_proj / k_proj / v_proj are dropped."""
+        self.qkv_proj = stack_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.q_proj = self.k_proj = self.v_proj = None
+
     def forward(
         self,
         x: torch.Tensor,
@@ -150,9 +162,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, D), rope = (cos, sin) each (B, T, hd) or None, positions (B, T) -> (B, T, D)."""
         batch, seq_len, _ = x.shape
-        q = self.q_proj(x).view(batch, seq_len, self.n_heads, self.head_dim)  # (B, T, H, hd)
-        k = self.k_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
-        v = self.v_proj(x).view(batch, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
+        if self.qkv_proj is not None:  # one matmul for the three
+            q, k, v = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim)  # (B, T, n_kv, hd)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -11,13 +11,25 @@
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 FFN_TYPES = ("swiglu", "geglu", "gelu")
+
+
+def stack_linears(linears: list[nn.Linear]) -> nn.Linear:
+    """One frozen linear whose output is the given linears' outputs concatenated (same input)."""
+    first = linears[0]
+    has_bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=has_bias,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    fused.weight = nn.Parameter(torch.cat([m.weight.detach() for m in linears]), requires_grad=False)
+    if has_bias:
+        fused.bias = nn.Parameter(torch.cat([m.bias.detach() for m in linears]), requires_grad=False)
+    return fused
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -46,10 +58,21 @@ class FeedForward(nn.Module):
             self.gate_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)
+        self.gate_up_proj: Optional[nn.Linear] = None  # gate and up stacked: set by `fuse_projections`
+
+    def fuse_projections(self) -> None:
+        """For inference (GLU types): gate and up from one matmul, ``gate_up_proj`` holding both
+        weights stacked (2 * hidden rows); gate_proj / up_proj are dropped."""
+        if self.is_glu:
+            self.gate_up_proj = stack_linears([self.gate_proj, self.up_proj])
+            self.gate_proj = self.up_proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (..., dim)
-        if self.is_glu:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., hidden) each
+            h = self.act(gate) * up
+        elif self.is_glu:
             h = self.act(self.gate_proj(x)) * self.up_proj(x)  # (..., hidden)
         else:
             h = self.act(self.up_proj(x))  # (..., hidden)

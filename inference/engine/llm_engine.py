@@ -28,6 +28,7 @@ from tokenizers import Tokenizer
 
 from inference.engine.loading import LoadedModel, load_model
 from inference.engine.model_runner import ModelRunner, Row
+from inference.engine.optimize import check_quantize, optimize_for_inference
 from inference.engine.paged_cache import (
     PagedKVCache,
     default_kv_cache_bytes,
@@ -139,6 +140,8 @@ class LLMEngine:
     CPU / MPS, never more than ``max_num_seqs`` sequences of ``max_model_len`` tokens can use
     (linear attention has no KV pool). ``draft_checkpoint``: a smaller model with the same
     tokenizer for speculative decoding with ``num_speculative_tokens`` drafts per step.
+    ``quantize="int8"``: weight-only int8 on the CPU; ``fuse_projections``: one matmul for q/k/v and
+    one for gate/up (`inference.engine.optimize`; models loaded from disk only).
     """
 
     def __init__(
@@ -154,10 +157,13 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         draft_checkpoint: Optional[Union[str, Path]] = None,
         num_speculative_tokens: int = 4,
+        quantize: Optional[str] = None,
+        fuse_projections: bool = True,
     ) -> None:
         if isinstance(checkpoint, LoadedModel):
-            if adapter is not None:
-                raise ValueError("an in-memory model takes no adapter directory: its adapters are already applied")
+            if adapter is not None or quantize is not None:
+                raise ValueError("an in-memory model takes no adapter directory and no quantization: its weights "
+                                 "are shared as they are")
             loaded = checkpoint
             param = next(loaded.model.parameters())
             self.device, self.dtype = param.device, param.dtype
@@ -165,6 +171,9 @@ class LLMEngine:
             self.device = pick_device(device)
             self.dtype = pick_dtype(dtype, self.device)
             loaded = load_model(checkpoint, self.device, self.dtype, adapter)
+            check_quantize(quantize, loaded.config, self.device)
+            if fuse_projections or quantize is not None:
+                optimize_for_inference(loaded.model, quantize)
         self.model, self.config = loaded.model, loaded.config
         self.tokenizer: Optional[Tokenizer] = loaded.tokenizer
         self._tokenizer_file = loaded.tokenizer_file
@@ -188,6 +197,9 @@ class LLMEngine:
                 raise UserError(f"speculative decoding needs a KV-cache model; {recurrent} cannot roll back "
                                 "rejected drafts")
             draft = load_model(draft_checkpoint, self.device, self.dtype)
+            check_quantize(quantize, draft.config, self.device)
+            if fuse_projections or quantize is not None:
+                optimize_for_inference(draft.model, quantize)
             if draft.config.vocab_size != self.config.vocab_size:
                 raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the "
                                 f"target's ({self.config.vocab_size}): it must use the same tokenizer")
