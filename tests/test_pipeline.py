@@ -37,6 +37,9 @@ def test_bad_splits_are_one_line():
                                              "model.n_layers=3", "training.pipeline_split=[2,2]"])
     with pytest.raises(UserError, match="needs grad_accum_steps"):
         load_config(None, ExperimentConfig, ["training.pipeline_parallel=4", "model.n_layers=4"])
+    with pytest.raises(UserError, match="a multiple of pipeline_parallel=2, got 5"):
+        load_config(None, ExperimentConfig, ["training.pipeline_parallel=2", "training.grad_accum_steps=5",
+                                             "training.pipeline_schedule=interleaved_1f1b", "model.n_layers=4"])
 
 
 def test_stage_model_keeps_the_whole_models_names_and_computes_its_part():

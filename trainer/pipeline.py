@@ -121,11 +121,11 @@ class Pipeline:
         common = dict(loss_fn=self._loss, scale_grads=False)
         if tcfg.pipeline_schedule == "interleaved_1f1b":
             self.schedule = ScheduleInterleaved1F1B(stages, accum, **common)
-            self.eval_schedule = ScheduleLoopedBFS(stages, 1, loss_fn=self._loss, scale_grads=False)
+            self.eval_schedule = ScheduleLoopedBFS(stages, 1, **common)
         else:
             cls = ScheduleGPipe if tcfg.pipeline_schedule == "gpipe" else Schedule1F1B
             self.schedule = cls(stages[0], accum, **common)
-            self.eval_schedule = ScheduleGPipe(stages[0], 1, loss_fn=self._loss, scale_grads=False)
+            self.eval_schedule = ScheduleGPipe(stages[0], 1, **common)  # validation: one batch at a time
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """A micro-batch's objective: its summed cross-entropy over the step's target count."""

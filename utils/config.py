@@ -121,6 +121,9 @@ class TrainingConfig(Section):
         if self.pipeline_parallel > 1 and self.grad_accum_steps < self.pipeline_parallel:
             raise ValueError(f"pipeline_parallel={self.pipeline_parallel} needs grad_accum_steps (the micro-batches) "
                              f">= the number of stages, got grad_accum_steps={self.grad_accum_steps}")
+        if self.pipeline_schedule == "interleaved_1f1b" and self.grad_accum_steps % self.pipeline_parallel:
+            raise ValueError(f"pipeline_schedule=interleaved_1f1b needs grad_accum_steps (the micro-batches) to be a "
+                             f"multiple of pipeline_parallel={self.pipeline_parallel}, got {self.grad_accum_steps}")
         return self
 
     def pipeline_stages(self) -> int:
@@ -322,8 +325,8 @@ def format_validation_error(err: ValidationError, schema: type[BaseModel]) -> st
     text = e["msg"]
     if text.startswith("Value error, "):
         text = text[len("Value error, "):]
-    if isinstance(value, dict):
-        return f"`{key}`: {text}"
+    if isinstance(value, dict):  # a check across keys: a root-level one names its keys itself
+        return f"`{key}`: {text}" if loc else text
     extra = f" ({len(err.errors()) - 1} more error(s))" if len(err.errors()) > 1 else ""
     return f"`{key}` = {value!r}: {text}{extra}"
 
