@@ -1,7 +1,7 @@
 """`training.compile`: torch.compile one transformer block at a time (regional compilation).
 
-Each `model.transformer.Block` of the main stack is compiled on its own, as torchtitan does,
-instead of the whole model at once:
+Each block of the main stack (`model.transformer.Block`, `model.mamba2.MambaBlock`) is compiled
+on its own, as torchtitan does, instead of the whole model at once:
 
 * identical blocks share one compiled graph (dynamo caches by code and guards), so compile time
   does not grow with depth, and a model with dense and MoE layers compiles two kinds of block;
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from model.transformer import Block
+from model.transformer import BLOCK_TYPES
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[nn.Module]:
@@ -33,7 +33,7 @@ def compile_blocks(model: nn.Module, backend: str = "inductor") -> list[nn.Modul
     """
     # the main stack only: an MTP module's block runs on T - k positions, and sharing Block.forward's
     # compiled code with it would turn every block's graphs dynamic-shaped (slower, recompiled)
-    blocks = [m for name, m in model.named_modules() if isinstance(m, Block) and ".mtp." not in f".{name}."]
+    blocks = [m for name, m in model.named_modules() if isinstance(m, BLOCK_TYPES) and ".mtp." not in f".{name}."]
     for block in blocks:
         eager = block.forward
         compiled = torch.compile(eager, backend=backend)
