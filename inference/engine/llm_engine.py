@@ -140,6 +140,8 @@ class LLMEngine:
     CPU / MPS, never more than ``max_num_seqs`` sequences of ``max_model_len`` tokens can use
     (linear attention has no KV pool). ``draft_checkpoint``: a smaller model with the same
     tokenizer for speculative decoding with ``num_speculative_tokens`` drafts per step.
+    ``prefill_chunk_size``: while other sequences decode, a prompt is computed at most this many
+    tokens per step, in turns with decode steps (chunked prefill; None: whole prompts at once).
     ``quantize="int8"``: weight-only int8 on the CPU; ``fuse_projections``: one matmul for q/k/v and
     one for gate/up (`inference.engine.optimize`; models loaded from disk only).
     """
@@ -154,6 +156,7 @@ class LLMEngine:
         kv_cache_memory_mb: Optional[float] = None,
         max_num_seqs: int = 32,
         max_num_batched_tokens: int = 2048,
+        prefill_chunk_size: Optional[int] = None,
         enable_prefix_caching: bool = True,
         draft_checkpoint: Optional[Union[str, Path]] = None,
         num_speculative_tokens: int = 4,
@@ -211,7 +214,7 @@ class LLMEngine:
         num_blocks = self._num_blocks(kv_cache_memory_mb, block_size, max_num_seqs, lookahead,
                                       draft.config if draft is not None else None)
         self.scheduler = Scheduler(num_blocks, block_size, self.max_model_len, self.eos_token_ids, max_num_seqs,
-                                   max_num_batched_tokens, enable_prefix_caching, lookahead)
+                                   max_num_batched_tokens, enable_prefix_caching, lookahead, prefill_chunk_size)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, max_num_seqs, self.device, self.dtype)
         self.runner = ModelRunner(self.model, self.cache)
         self.speculative: Optional[SpeculativeDecoder] = None
@@ -334,11 +337,11 @@ class LLMEngine:
         if not out.seqs:
             return []
         seqs = out.seqs
-        generators = [self._requests[s.request_id].generator for s in seqs]
         if self.speculative is not None and not out.is_prefill:
+            generators = [self._requests[s.request_id].generator for s in seqs]
             new_tokens, entries = self.speculative.decode(seqs, self.runner, generators)
         else:
-            new_tokens, entries = self._sample_step(seqs, out.is_prefill, generators)
+            seqs, new_tokens, entries = self._sample_step(seqs, out.num_new_tokens, out.is_prefill)
         lengths = [len(s) for s in seqs]
         self.scheduler.postprocess(seqs, new_tokens)
         outputs = []
@@ -351,14 +354,26 @@ class LLMEngine:
         return outputs
 
     def _sample_step(
-        self, seqs: list[Sequence], is_prefill: bool, generators: list[Optional[torch.Generator]]
-    ) -> tuple[list[int], list[Optional[list[LogprobEntry]]]]:
-        rows = [Row(s.token_ids[s.num_computed_tokens :], s.num_computed_tokens, s.block_table, s.slot) for s in seqs]
+        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool
+    ) -> tuple[list[Sequence], list[int], list[Optional[list[LogprobEntry]]]]:
+        """One forward over the scheduled rows, then one token for every row that reaches the end of
+        its sequence: (those sequences, their tokens, logprob entries). A prefill chunk that stops
+        short only advances (chunked prefill)."""
+        rows = [Row(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.num_computed_tokens,
+                    s.block_table, s.slot) for s, n in zip(seqs, num_new_tokens)]
         logits = self.runner.forward(rows)  # (B, V)
         if is_prefill and self.speculative is not None:
             self.speculative.prefill(seqs, rows)
+        ends = [r.start + len(r.token_ids) == len(s) for s, r in zip(seqs, rows)]
+        if not all(ends):
+            for seq, row, end in zip(seqs, rows, ends):
+                if not end:
+                    self.scheduler.advance_prefill(seq, len(row.token_ids))
+            keep = [b for b, end in enumerate(ends) if end]
+            seqs, logits = [seqs[b] for b in keep], logits[keep]
+        generators = [self._requests[s.request_id].generator for s in seqs]
         if all(_plain_greedy(s.params) for s in seqs):  # what `sample` returns then, minus its overhead
-            return logits.argmax(dim=-1).tolist(), [None] * len(seqs)
+            return seqs, logits.argmax(dim=-1).tolist(), [None] * len(seqs)
         result = sample(logits, [s.params for s in seqs], [s.token_ids for s in seqs], generators,
                         [s.num_prompt_tokens for s in seqs])
         tokens = result.token_ids.tolist()
@@ -369,7 +384,7 @@ class LLMEngine:
                 if s.params.logprobs is not None:
                     top = result.top_logprobs[b] if result.top_logprobs is not None else []
                     entries[b] = [(tokens[b], chosen[b], top)]
-        return tokens, entries
+        return seqs, tokens, entries
 
     def _output(self, request: _Request, appended: list[int], lps: Optional[list[LogprobEntry]]) -> StepOutput:
         """Detokenize, apply stop strings, build the StepOutput; drop the request when it is done."""

@@ -13,6 +13,14 @@ al., 2023): requests join and leave between steps. Policy, one step at a time:
    plus the tokens generated so far (its full blocks usually come straight back from the
    prefix cache).
 
+3. Chunked prefill (``prefill_chunk_size`` set; Agrawal et al., 2023, "SARATHI"): while other
+   sequences decode, a prefill step computes at most ``prefill_chunk_size`` prompt tokens, and
+   prefill and decode steps take turns, so a long prompt arriving never stalls the streams
+   already decoding for longer than one chunk. A sequence whose prompt is not fully computed yet
+   stays RUNNING, skipped by decode steps, and continues in the next prefill step (before new
+   admissions); it samples its first token when its last chunk is done. With nothing decoding,
+   a prefill step takes up to max_num_batched_tokens, long prompts chunked at that budget.
+
 Prefill and decode steps are never mixed, so a runner may keep a separate fast path for
 decode (one token per sequence, e.g. CUDA graphs). A step is never empty while requests are
 unfinished: `add` rejects any request that could not run alone in the whole pool, so the
@@ -36,6 +44,9 @@ class SchedulerOutput:
     is_prefill: bool
     num_batched_tokens: int  # tokens the runner computes this step (lookahead slots not counted)
     preempted: list[Sequence] = field(default_factory=list)  # sent back to WAITING by this call
+    # tokens each seq computes, token_ids[num_computed_tokens : num_computed_tokens + n]; a prefill
+    # chunk that stops short of len(seq) samples nothing (see `advance_prefill`)
+    num_new_tokens: list[int] = field(default_factory=list)
 
 
 class Scheduler:
@@ -49,7 +60,10 @@ class Scheduler:
         max_num_batched_tokens: int = 2048,
         enable_prefix_caching: bool = True,
         num_lookahead_slots: int = 0,
+        prefill_chunk_size: int | None = None,
     ) -> None:
+        if prefill_chunk_size is not None and prefill_chunk_size < 1:
+            raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
         if max_num_seqs < 1 or max_model_len < 2 or num_lookahead_slots < 0:
             raise ValueError(
                 f"need max_num_seqs >= 1, max_model_len >= 2, num_lookahead_slots >= 0; got "
@@ -67,6 +81,8 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_lookahead_slots = num_lookahead_slots
+        self.prefill_chunk_size = prefill_chunk_size
+        self._last_was_prefill = False  # chunked prefill: prefill and decode steps take turns
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self._free_slots = list(range(max_num_seqs - 1, -1, -1))  # pop() hands out 0 first
@@ -157,21 +173,45 @@ class Scheduler:
         del self._requests[seq.request_id]
 
     # ---- one step -----------------------------------------------------------------------
+    @staticmethod
+    def is_prefilling(seq: Sequence) -> bool:
+        """Running with prompt tokens still to compute beyond the last one (a chunked prefill)."""
+        return seq.num_computed_tokens < len(seq) - 1
+
     def schedule(self) -> SchedulerOutput:
-        """Pick the next step: a prefill batch if any waiting sequence can be admitted, else decode."""
-        prefill = self._schedule_prefill()
+        """Pick the next step: a prefill batch if any waiting sequence can be admitted (or a chunked
+        prefill continues), else decode; with chunked prefill the two take turns."""
+        decoding = any(not self.is_prefilling(s) for s in self.running)
+        if self.prefill_chunk_size is not None and self._last_was_prefill and decoding:
+            self._last_was_prefill = False
+            return self._schedule_decode()
+        prefill = self._schedule_prefill(decoding)
+        self._last_was_prefill = bool(prefill.seqs)
         if prefill.seqs:
             return prefill
         return self._schedule_decode()
 
-    def _schedule_prefill(self) -> SchedulerOutput:
-        bm = self.block_manager
+    def _schedule_prefill(self, decoding: bool) -> SchedulerOutput:
+        bm, chunked = self.block_manager, self.prefill_chunk_size is not None
+        budget = self.prefill_chunk_size if chunked and decoding else self.max_num_batched_tokens
         scheduled: list[Sequence] = []
-        num_tokens = 0
+        num_new_tokens: list[int] = []
+
+        def take(seq: Sequence) -> None:
+            remaining = len(seq) - seq.num_computed_tokens
+            num_new_tokens.append(min(remaining, budget - sum(num_new_tokens)) if chunked else remaining)
+            scheduled.append(seq)
+
+        if chunked:  # chunked prompts continue first, in admission order
+            for seq in self.running:
+                if self.is_prefilling(seq) and sum(num_new_tokens) < budget:
+                    take(seq)
         while self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             num_new = len(seq) - bm.num_hit_tokens(seq)
-            if scheduled and num_tokens + num_new > self.max_num_batched_tokens:
+            if chunked and sum(num_new_tokens) >= budget:
+                break
+            if not chunked and scheduled and sum(num_new_tokens) + num_new > budget:
                 break  # the first one is admitted even when alone it exceeds the budget
             if not bm.can_allocate(seq):
                 break
@@ -180,13 +220,17 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             seq.slot = self._free_slots.pop()
             self.running.append(seq)
-            scheduled.append(seq)
-            num_tokens += len(seq) - seq.num_computed_tokens
-        return SchedulerOutput(scheduled, True, num_tokens)
+            take(seq)
+        return SchedulerOutput(scheduled, True, sum(num_new_tokens), num_new_tokens=num_new_tokens)
+
+    def advance_prefill(self, seq: Sequence, num_tokens: int) -> None:
+        """A prefill chunk of ``num_tokens`` that sampled nothing is computed: its K/V is in the pool."""
+        seq.num_computed_tokens += num_tokens
+        self.block_manager.cache_computed_blocks(seq)
 
     def _schedule_decode(self) -> SchedulerOutput:
         bm, lookahead = self.block_manager, self.num_lookahead_slots
-        queue = deque(self.running)
+        queue = deque(s for s in self.running if not self.is_prefilling(s))
         scheduled: list[Sequence] = []
         preempted: list[Sequence] = []
         while queue:
@@ -200,8 +244,11 @@ class Scheduler:
             else:
                 bm.may_append(seq, lookahead)
                 scheduled.append(seq)
-        self.running = list(scheduled)  # a separate list: finishing mutates running, not the output
-        return SchedulerOutput(scheduled, False, len(scheduled), preempted)
+        # a separate list (finishing mutates running, not the output); chunked prefills stay
+        kept = {id(s) for s in scheduled}
+        self.running = [s for s in self.running
+                        if id(s) in kept or (s.status is SequenceStatus.RUNNING and self.is_prefilling(s))]
+        return SchedulerOutput(scheduled, False, len(scheduled), preempted, [1] * len(scheduled))
 
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and slot and put it first in line; it will be recomputed."""
