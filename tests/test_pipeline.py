@@ -77,16 +77,17 @@ def test_pipeline_loss_and_every_gradient_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_pipelined_resumes_and_matches_one_process(tmp_path):
-    """`pretrain/train.py` with 2 pipeline stages (1F1B, 2 micro-batches), stopped after 2 of 4
-    steps and resumed from its per-stage-merged checkpoint == one process straight through; the
-    final checkpoint loads into a plain model."""
+    """`pretrain/train.py` with 2 pipeline stages (1F1B, 2 micro-batches, 3 layers split [2, 1]),
+    stopped after 2 of 4 steps and resumed from its per-stage-merged checkpoint == one process
+    straight through; the final checkpoint loads into a plain model."""
     import pretrain.train as pretrain
     from utils.checkpoint import load_checkpoint
 
     data_dir = make_pretrain_data(tmp_path)
     runs = tmp_path / "runs"
-    training = {"max_steps": 4, "eval_interval": 2, "batch_size": 2, "grad_accum_steps": 2, "optimizer": "muon"}
-    common = dict(checkpointing={"save_interval": 100})
+    training = {"max_steps": 4, "eval_interval": 2, "batch_size": 2, "grad_accum_steps": 2, "optimizer": "muon",
+                "pipeline_split": [2, 1]}
+    common = dict(checkpointing={"save_interval": 100}, model={"n_layers": 3})
     two = tiny_config_dict(data_dir, runs, run_name="pp", training={**training, "pipeline_parallel": 2}, **common)
     config = tmp_path / "pp.yaml"
     config.write_text(yaml.safe_dump(two))
