@@ -22,7 +22,8 @@ SCRIPTS = REPO_ROOT / "tests" / "dist_scripts"
 
 def test_stage_layer_counts_and_rank_stages():
     assert stage_layer_counts(4, TrainingConfig(pipeline_parallel=2, grad_accum_steps=2)) == [2, 2]
-    assert stage_layer_counts(3, TrainingConfig(pipeline_parallel=2, grad_accum_steps=2, pipeline_split=[2, 1])) == [2, 1]
+    split = TrainingConfig(pipeline_parallel=2, grad_accum_steps=2, pipeline_split=[2, 1])
+    assert stage_layer_counts(3, split) == [2, 1]
     interleaved = TrainingConfig(pipeline_parallel=2, grad_accum_steps=2, pipeline_schedule="interleaved_1f1b")
     assert stage_layer_counts(8, interleaved) == [2, 2, 2, 2]
     assert rank_stages(interleaved, 0) == [0, 2] and rank_stages(interleaved, 1) == [1, 3]

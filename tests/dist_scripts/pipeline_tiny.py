@@ -67,7 +67,8 @@ def case(preset: str, overrides: dict, schedule: str, split, info) -> dict[str, 
     weights = max((merged[k] - ref_state[k]).abs().max().item() for k in ref_state)
     counts = [0] * dist.get_world_size()
     dist.all_gather_object(counts, len(names))
-    stats = torch.tensor([abs(loss_sum.item() / targets - loss.item()), worst, float(len(missing))], dtype=torch.float64)
+    stats = torch.tensor([abs(loss_sum.item() / targets - loss.item()), worst, float(len(missing))],
+                         dtype=torch.float64)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     return {"loss": stats[0].item(), "grads": stats[1].item(), "missing_grads": int(stats[2].item()),
             "weights_after_step": weights, "params_per_rank": counts, "params_total": len(ref_grads),
