@@ -1,29 +1,38 @@
-"""Pretraining step speed of our Llama-style model vs Hugging Face `LlamaForCausalLM`.
+"""Pretraining step speed of our models vs Hugging Face `transformers` (Llama, DeepSeek-V3).
 
 One step = forward + cross-entropy + backward + AdamW step, on the same config, the same
 weights (copied through `model.hf.state_dict_to_hf`), the same random batch and the same
 optimizer (`trainer.optim.build_optimizer`, AdamW: fused on CUDA, foreach elsewhere).
-Hugging Face runs with ``attn_implementation="sdpa"``. Both run eager and under
-`torch.compile` (which falls back to eager with a warning where it fails).
+Hugging Face runs with ``attn_implementation="sdpa"``. Both run eager and compiled: ours as
+``training.compile`` compiles it (`trainer.compile.compile_blocks`: block by block, the MoE
+dispatch eager), Hugging Face's whole model under `torch.compile` (no numbers, with a warning,
+where compile fails).
 
 MFU = achieved model FLOPs / peak, with the model FLOPs from `model.flops_per_token`
-(6 N + attention, Kaplan et al. 2020 / PaLM appendix B) and the peak of the trainer's one
+(6 N + attention, Kaplan et al. 2020 / PaLM appendix B; N = active parameters for a MoE) and the peak of the trainer's one
 definition (`trainer.metrics.peak_flops`: the datasheet for a known GPU in bf16/fp16, else a
 measured large matmul in the compute dtype), named in ``mfu_peak_source``.
 
-Configs (the `bench-A` / `bench-B` presets):
+Configs (the `bench-A` / `bench-B` / `bench-D` presets):
     A: vocab 4096, dim 256, 4 layers, 8 heads, 4 kv heads, ffn 688, seq 256, batch 8
     B: vocab 8192, dim 512, 8 layers, 8 heads, 8 kv heads, ffn 1376, seq 512, batch 4
+    D: DeepSeek-V3 (`DeepseekV3ForCausalLM`): vocab 4096, dim 256, 4 layers, 8 heads, MLA with
+       kv_lora_rank 64, q_lora_rank 128, rope/nope/v head dims 16/32/32; 8 routed experts top-2
+       + 1 shared, expert ffn 128, dense ffn 688 in the first layer, 1 group; seq 256, batch 8.
+       The reference runs twice: ``hf`` with transformers' ``grouped_mm`` experts and
+       ``hf_eager`` with its per-expert loop.
 
-    python benchmarks/train_speed.py [--quick] [--configs A,B] [--modes eager,compiled]
+    python benchmarks/train_speed.py [--quick] [--configs A,B,D] [--modes eager,compiled]
         [--device auto|cpu|cuda|mps] [--out results.json]
 
-Prints one JSON object; ``ratio`` is ours / Hugging Face tokens per second (> 1: we are faster).
+Prints one JSON object; ``ratio`` is ours / Hugging Face tokens per second (> 1: we are faster;
+for D against ``grouped_mm``, ``ratio_vs_hf_eager`` against the loop).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -35,14 +44,15 @@ import torch.nn.functional as F
 
 from model import build_model, flops_per_token, get_preset
 from model.config import ModelConfig
-from model.hf import config_to_hf, state_dict_to_hf
+from model.hf import save_hf_dir
+from trainer.compile import compile_blocks
 from trainer.metrics import mfu, peak_flops
 from trainer.optim import build_optimizer
 from utils.config import TrainingConfig
 from utils.device import autocast_context, pick_device, pick_dtype
 from utils.errors import UserError, cli_main
 
-CONFIGS = {"A": ("bench-A", 256, 8), "B": ("bench-B", 512, 4)}  # preset, seq_len, batch
+CONFIGS = {"A": ("bench-A", 256, 8), "B": ("bench-B", 512, 4), "D": ("bench-D", 256, 8)}  # preset, seq_len, batch
 
 
 def sync(device: torch.device) -> None:
@@ -52,16 +62,18 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def hf_twin(cfg: ModelConfig, ours: nn.Module, device: torch.device) -> nn.Module:
-    """`LlamaForCausalLM` (sdpa attention) holding exactly our weights."""
+def hf_twin(cfg: ModelConfig, ours: nn.Module, device: torch.device, experts: str = "grouped_mm") -> nn.Module:
+    """The transformers model of ``cfg``'s family (sdpa attention; MoE experts run by
+    ``experts``: "grouped_mm" or "eager") holding exactly our weights: exported with
+    `model.hf.save_hf_dir` and loaded by ``from_pretrained`` (which fuses the experts)."""
     import transformers
 
-    hf_cfg = transformers.LlamaConfig(**config_to_hf(cfg))
-    ref = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").to(device)
-    missing, unexpected = ref.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg), strict=False)
-    if unexpected or any("rotary" not in k for k in missing):
-        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
-    return ref
+    kwargs = {"experts_implementation": experts} if cfg.moe is not None else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf_dir(cfg, ours.state_dict(), tmp)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa",
+                                                                dtype=torch.float32, **kwargs)
+    return ref.to(device).train()
 
 
 def make_step(model: nn.Module, forward: Callable, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor):
@@ -115,17 +127,18 @@ def bench_config(name: str, modes: list[str], device: torch.device, dtype: torch
         probe = tokens[:2, :-1]
         out["initial_logits_max_abs_diff"] = (ours(probe).float() - ref(probe).logits.float()).abs().max().item()
 
+    refs = {"hf": "grouped_mm", "hf_eager": "eager"} if cfg.moe is not None else {"hf": None}
     for mode in modes:
         steps = {}
-        for label in ("ours", "hf"):
-            if label == "ours":  # fresh copies with the initial weights for every mode
-                fresh = build_model(cfg, device)
-                fresh.load_state_dict(ours.state_dict())
-            else:
-                fresh = hf_twin(cfg, ours, device)
-            runner = torch.compile(fresh) if mode == "compiled" else fresh
-            forward = runner if label == "ours" else (lambda x, m=runner: m(x).logits)
-            steps[label] = make_step(fresh, forward, device, dtype, tokens)
+        fresh = build_model(cfg, device)  # fresh copies with the initial weights for every mode
+        fresh.load_state_dict(ours.state_dict())
+        if mode == "compiled":
+            compile_blocks(fresh)  # what training.compile does
+        steps["ours"] = make_step(fresh, fresh, device, dtype, tokens)
+        for label, experts in refs.items():
+            twin = hf_twin(cfg, ours, device, experts or "grouped_mm")
+            runner = torch.compile(twin) if mode == "compiled" else twin
+            steps[label] = make_step(twin, lambda x, m=runner: m(x).logits, device, dtype, tokens)
         try:
             secs = time_interleaved(steps, device, warmup, iters)
         except Exception as e:  # compile needs a working backend (C++ compiler, triton, ...)
@@ -137,14 +150,16 @@ def bench_config(name: str, modes: list[str], device: torch.device, dtype: torch
         row: dict = {label: {"step_ms": 1e3 * sec, "tokens_per_s": tokens_per_step / sec}
                      for label, sec in secs.items()}
         row["ratio"] = row["ours"]["tokens_per_s"] / row["hf"]["tokens_per_s"]
+        if "hf_eager" in row:
+            row["ratio_vs_hf_eager"] = row["ours"]["tokens_per_s"] / row["hf_eager"]["tokens_per_s"]
         out[mode] = row
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description="Training-step speed: ours vs transformers LlamaForCausalLM.")
+    p = argparse.ArgumentParser(description="Training-step speed: ours vs transformers (Llama, DeepSeek-V3).")
     p.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
-    p.add_argument("--configs", default="A,B", help="comma-separated subset of A,B")
+    p.add_argument("--configs", default="A,B,D", help="comma-separated subset of A,B,D")
     p.add_argument("--modes", default="eager,compiled", help="comma-separated subset of eager,compiled")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
@@ -154,7 +169,7 @@ def main() -> None:
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if bad := [c for c in configs if c not in CONFIGS]:
-        raise UserError(f"unknown config(s) {bad} (allowed: A, B)")
+        raise UserError(f"unknown config(s) {bad} (allowed: {', '.join(CONFIGS)})")
     if bad := [m for m in modes if m not in ("eager", "compiled")]:
         raise UserError(f"unknown mode(s) {bad} (allowed: eager, compiled)")
     if args.threads:
@@ -169,7 +184,7 @@ def main() -> None:
     for res in results.values():
         fpt = res["model_tflops_per_step"] * 1e12 / res["tokens_per_step"]
         for mode in modes:
-            for label in ("ours", "hf"):
+            for label in ("ours", "hf", "hf_eager"):
                 if label in res[mode]:  # absent when compile failed
                     res[mode][label]["mfu"] = mfu(fpt, res[mode][label]["tokens_per_s"], peak)
     result = {

@@ -2,8 +2,8 @@
 
 ``tiny`` and the ``tiny-<family>`` presets are for tests and quick experiments; each family
 preset turns on that family's architecture features at toy width (``tiny-mamba2-hybrid``: Mamba-2
-layers around an attention layer, which has no Hugging Face counterpart). ``bench-A`` / ``bench-B``
-are the sizes the benchmarks compare against Hugging Face. ``mamba2-nano`` is the nano Mamba-2
+layers around an attention layer, which has no Hugging Face counterpart). ``bench-A`` / ``bench-B`` /
+``bench-D`` are the sizes the benchmarks compare against Hugging Face. ``mamba2-nano`` is the nano Mamba-2
 recipe (`configs/pretrain/mamba2_nano.yaml`): the width and vocabulary of the nano Llama 3 and
 about its parameter count (1.23 M vs 1.26 M), so 6 Mamba-2 layers (no FFN) for its 4 blocks. Any field can be overridden:
 ``get_preset("tiny-gemma2", n_layers=4)``.
@@ -25,6 +25,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "bench-A": dict(vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_hidden_dim=688, max_seq_len=256),
     "bench-B": dict(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_hidden_dim=1376, max_seq_len=512),
+    "bench-D": dict(  # DeepSeek-V3: MLA with q-LoRA, 8 routed experts top-2 + 1 shared, first layer dense
+        family="deepseek_v3", vocab_size=4096, dim=256, n_layers=4, n_heads=8, n_kv_heads=None, ffn_hidden_dim=688,
+        max_seq_len=256, norm_eps=1e-6, attention_type="mla", q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=16,
+        qk_nope_head_dim=32, v_head_dim=32,
+        moe=dict(n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, moe_ffn_hidden_dim=128,
+                 scoring_func="sigmoid", n_group=1, topk_group=1, first_k_dense_replace=1),
+    ),
     "tiny-llama3": dict(
         _TINY, family="llama", rope_theta=500000.0,
         rope_scaling=dict(type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
