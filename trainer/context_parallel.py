@@ -77,15 +77,15 @@ class RingAttention:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, scale: float, doc_ids: Optional[Tensor],
                  window: Optional[int] = None) -> Tensor:
         seq_len = q.shape[2] * self.size
-        slots = [zigzag_slots(seq_len, self.size, r).to(q.device) for r in range(self.size)]
+        slots = [zigzag_slots(seq_len, self.size, r) for r in range(self.size)]  # CPU
         docs = None
         if doc_ids is not None:
             parts = [torch.empty_like(doc_ids) for _ in range(self.size)]
             dist.all_gather(parts, doc_ids.contiguous(), group=self.group)
             docs = torch.empty(doc_ids.shape[0], seq_len, dtype=doc_ids.dtype, device=doc_ids.device)
             for r, part in enumerate(parts):
-                docs[:, slots[r]] = part  # (B, T) in global order
-        return ring_attention(q, k, v, scale, RingLayout(self.group, slots, docs), window)
+                docs[:, slots[r].to(docs.device)] = part  # (B, T) in global order
+        return ring_attention(q, k, v, scale, RingLayout(self.group, slots, docs, q.device), window)
 
 
 def check_supported(model: nn.Module, tcfg: TrainingConfig) -> None:

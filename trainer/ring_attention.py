@@ -114,14 +114,17 @@ def active_range(q_slots: Tensor, k_slots: Tensor) -> tuple[int, int]:
 class RingLayout:
     """Who holds which tokens: this rank's place in the ring and every rank's slots.
 
-    ``slots[j]`` (T / n,) are the increasing global indices of rank j's tokens; ``docs`` (B, T)
-    the document ids of the whole sequence in slot order, or None (one document per row).
+    ``slots[j]`` (T / n,) are the increasing global indices of rank j's tokens (on the CPU: the
+    active ranges are known without a device sync); ``docs`` (B, T) the document ids of the
+    whole sequence in slot order, or None (one document per row).
     """
 
-    def __init__(self, group: dist.ProcessGroup, slots: list[Tensor], docs: Optional[Tensor]) -> None:
+    def __init__(self, group: dist.ProcessGroup, slots: list[Tensor], docs: Optional[Tensor],
+                 device: torch.device) -> None:
         self.group = group
         self.size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        self.slots, self.docs = slots, docs
+        self.ranges = [active_range(slots[self.rank], k_slots) for k_slots in slots]  # (q0, k1) per source
+        self.slots, self.docs = [s.to(device) for s in slots], docs
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
@@ -129,7 +132,7 @@ class RingLayout:
         """Mask (restricted to the active range) and active range of this rank's queries over
         the keys of rank `src`."""
         q_slots, k_slots = self.slots[self.rank], self.slots[src]
-        q0, k1 = active_range(q_slots, k_slots)
+        q0, k1 = self.ranges[src]
         q_docs = k_docs = None
         if self.docs is not None:
             q_docs, k_docs = self.docs[:, q_slots[q0:]], self.docs[:, k_slots[:k1]]
