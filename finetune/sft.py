@@ -136,6 +136,9 @@ def check_inputs(cfg: SFTConfig, method: str, source: BaseModelSource, dist: Dis
     """What every stage that starts from a base model checks first (also `align.stage`):
     parallelism fits the method, the tokenizer has the chat template and is the base's.
     Returns the tokenizer directory and its hash."""
+    if method != "full" and cfg.training.pipeline_parallel > 1:
+        raise UserError("training.pipeline_parallel is not supported with LoRA/QLoRA: the adapters are saved from "
+                        "the whole model on one rank; use full SFT, or context_parallel for long rows")
     if method != "full" and dist.is_distributed and cfg.training.parallelism == "fsdp":
         raise UserError("training.parallelism=fsdp is not supported with LoRA/QLoRA: the frozen base is not "
                         "sharded and the adapters are small; use ddp")

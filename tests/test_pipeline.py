@@ -102,3 +102,15 @@ def test_pretrain_pipelined_resumes_and_matches_one_process(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wb:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_lora_sft_refuses_pipeline_parallel(tmp_path):
+    from finetune import sft
+    from finetune.config import SFTConfig
+    from trainer.distributed import DistInfo
+
+    cfg = load_config(None, SFTConfig, ["training.pipeline_parallel=2", "training.grad_accum_steps=2",
+                                        f"checkpointing.init_from={tmp_path}"])
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_distributed=False)
+    with pytest.raises(UserError, match="pipeline_parallel is not supported with LoRA/QLoRA"):
+        sft.check_inputs(cfg, "lora", None, single)
