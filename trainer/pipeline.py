@@ -209,12 +209,21 @@ def concat_batches(micro: list[Batch]) -> Batch:
     return {k: torch.cat([m[k] for m in micro]) for k, v in micro[0].items() if isinstance(v, Tensor)}
 
 
+def _gather_to_first(obj: Any, group: dist.ProcessGroup) -> Optional[list[Any]]:
+    """Every pipeline rank's `obj` on the group's first rank (the stages' owner of rank 0);
+    None on the others."""
+    first = dist.get_rank(group) == 0
+    parts: Optional[list[Any]] = [None] * dist.get_world_size(group) if first else None
+    dist.gather_object(obj, parts, dst=dist.get_global_rank(group, 0), group=group)
+    return parts
+
+
 def gather_full_state(state: dict[str, Tensor], group: dist.ProcessGroup) -> dict[str, Tensor]:
-    """Every stage's (CPU) state dict merged into the whole model's: the existing checkpoint
-    format, loadable by a single process unchanged. Call on every rank of the pipeline group."""
-    parts: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, state, group=group)
-    return {k: v for part in parts for k, v in part.items()}
+    """Every stage's (CPU) state dict merged into the whole model's on the pipeline group's
+    first rank (empty elsewhere, like FSDP2's full state dict): the existing checkpoint format,
+    loadable by a single process unchanged. Call on every rank of the pipeline group."""
+    parts = _gather_to_first(state, group)
+    return {} if parts is None else {k: v for part in parts for k, v in part.items()}
 
 
 def gather_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer, group: dist.ProcessGroup,
@@ -222,12 +231,13 @@ def gather_full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimi
     """Every stage's optimizer state, keyed by parameter name, merged into the whole model's:
     ``state`` united, param groups as `layout` (the parameter names of each group of the
     optimizer built over the whole model, `optimizer_layout`). The format of
-    `trainer.distributed.full_optimizer_state_dict`."""
+    `trainer.distributed.full_optimizer_state_dict`, on the group's first rank (empty elsewhere)."""
     state = get_optimizer_state_dict(module, optimizer, options=StateDictOptions(full_state_dict=True))
     state["state"] = {name: {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
                       for name, st in state["state"].items()}
-    parts: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, state, group=group)
+    parts = _gather_to_first(state, group)
+    if parts is None:
+        return {}
     hyper = {n: g for part in parts for g in part["param_groups"] for n in g["params"]}
     return {"state": {k: v for part in parts for k, v in part["state"].items()},
             "param_groups": [{**hyper[names[0]], "params": list(names)} for names in layout]}

@@ -63,8 +63,8 @@ def case(preset: str, overrides: dict, schedule: str, split, info) -> dict[str, 
         for p in list(ref.parameters()) + list(pipe.module.parameters()):
             p -= 0.1 * p.grad
     merged = gather_full_state({k: v.detach().clone() for k, v in pipe.module.state_dict().items()}, info.group("pp"))
-    ref_state = ref.state_dict()
-    weights = max((merged[k] - ref_state[k]).abs().max().item() for k in ref_state)
+    ref_state = ref.state_dict()  # the merged state is on rank 0 only
+    weights = max((merged[k] - ref_state[k]).abs().max().item() for k in ref_state) if info.is_main else 0.0
     counts = [0] * dist.get_world_size()
     dist.all_gather_object(counts, len(names))
     stats = torch.tensor([abs(loss_sum.item() / targets - loss.item()), worst, float(len(missing))],
