@@ -77,25 +77,21 @@ def conv_state_after(x: torch.Tensor, state: torch.Tensor, lengths: Optional[tor
     return xp.gather(1, idx[..., None].expand(-1, -1, channels)).transpose(1, 2)
 
 
-def _heads(t: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
-    """B or C with G groups along ``dim`` -> one copy per head (head h uses group h // (H / G))."""
-    return t.repeat_interleave(n_heads // t.shape[dim], dim=dim)
-
-
 def ssd_step(
     state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One token of the recurrence: (y (Bt, H, P), new state (Bt, H, P, N)).
 
     state (Bt, H, P, N), x (Bt, H, P), dt (Bt, H) (after softplus), A (H,) (negative),
-    B and C (Bt, G, N).
+    B and C (Bt, G, N): head h uses group h // (H / G).
     """
-    n_heads = x.shape[1]
-    decay = torch.exp(dt * A)  # (Bt, H)
-    b, c = _heads(B, n_heads, 1), _heads(C, n_heads, 1)  # (Bt, H, N)
-    new = state * decay[..., None, None] + (x * dt[..., None])[..., None] * b[:, :, None, :]  # (Bt, H, P, N)
-    y = (new @ c[..., None]).squeeze(-1)  # (Bt, H, P)
-    return y, new
+    batch, n_heads, head_dim = x.shape
+    groups, state_size = B.shape[1:]
+    decay = torch.exp(dt * A)[..., None, None]  # (Bt, H, 1, 1)
+    inp = (x * dt[..., None]).view(batch, groups, -1, head_dim, 1) * B[:, :, None, None, :]  # (Bt, G, R, P, N)
+    new = state * decay + inp.view(batch, n_heads, head_dim, state_size)  # (Bt, H, P, N)
+    y = new.view(batch, groups, -1, head_dim, state_size) @ C[:, :, None, :, None]  # (Bt, G, R, P, 1)
+    return y.view(batch, n_heads, head_dim), new
 
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
@@ -127,54 +123,57 @@ def ssd_chunked_scan(
     before the first token (zeros when None); ``seg`` (Bt, T) document segments (`segment_ids`).
     """
     batch, seq_len, n_heads, head_dim = x.shape
+    groups, state_size = B.shape[2:]
+    reps = n_heads // groups  # heads per group: head h = (g, r), g = h // reps
     q = min(chunk_size, seq_len)
     pad = (-seq_len) % q
     a = dt * A  # (Bt, T, H) log-decays
     xdt = x * dt[..., None]  # (Bt, T, H, P)
-    b, c = _heads(B, n_heads, 2), _heads(C, n_heads, 2)  # (Bt, T, H, N)
+    b, c = B, C
     if pad:  # a = 0, x = 0: the padding neither decays nor feeds the state
         a, xdt, b, c = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (a, xdt, b, c))
         if seg is not None:
             seg = torch.cat([seg, seg[:, -1:].expand(-1, pad)], dim=1)
     n_chunks = (seq_len + pad) // q
-    xdt = xdt.view(batch, n_chunks, q, n_heads, head_dim)  # (Bt, nc, Q, H, P)
-    b, c = (t.view(batch, n_chunks, q, n_heads, -1) for t in (b, c))  # (Bt, nc, Q, H, N)
-    a = a.view(batch, n_chunks, q, n_heads).permute(0, 3, 1, 2)  # (Bt, H, nc, Q)
-    a_cum = a.cumsum(dim=-1)  # (Bt, H, nc, Q)
-    sc = None if seg is None else seg.view(batch, n_chunks, q)  # (Bt, nc, Q)
+    xdt = xdt.view(batch, n_chunks, q, groups, reps, head_dim)  # (Bt, nc, Q, G, R, P)
+    b, c = (t.view(batch, n_chunks, q, groups, state_size) for t in (b, c))  # (Bt, nc, Q, G, N)
+    a = a.view(batch, n_chunks, q, groups, reps).permute(0, 3, 4, 1, 2)  # (Bt, G, R, nc, Q)
+    a_cum = a.cumsum(dim=-1)  # (Bt, G, R, nc, Q)
+    sc = None if seg is None else seg.view(batch, n_chunks, q)[:, None, None]  # (Bt, 1, 1, nc, Q)
 
-    # 1. inside each chunk: the quadratic form with the decay mask L
-    log_l = segsum(a)  # (Bt, H, nc, Q, Q)
+    # 1. inside each chunk: the quadratic form with the decay mask L (C B^T is shared by a group's heads)
+    log_l = segsum(a)  # (Bt, G, R, nc, Q, Q)
     if sc is not None:
-        log_l = log_l.masked_fill((sc[:, :, :, None] != sc[:, :, None, :])[:, None], float("-inf"))
-    scores = torch.einsum("bclhn,bcshn->bhcls", c, b) * torch.exp(log_l)  # (Bt, H, nc, Q, Q)
-    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, xdt)  # (Bt, nc, Q, H, P)
+        log_l = log_l.masked_fill(sc[..., :, None] != sc[..., None, :], float("-inf"))
+    scores = torch.einsum("bclgn,bcsgn->bgcls", c, b)[:, :, None] * torch.exp(log_l)  # (Bt, G, R, nc, Q, Q)
+    y_diag = torch.einsum("bgrcls,bcsgrp->bclgrp", scores, xdt)  # (Bt, nc, Q, G, R, P)
 
     # 2. each chunk's inputs, decayed to the chunk's end: its own contribution to the state there
-    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (Bt, H, nc, Q)
+    to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (Bt, G, R, nc, Q)
     if sc is not None:
-        to_end = to_end * (sc == sc[..., -1:])[:, None]  # only the document that reaches the chunk's end
-    chunk_states = torch.einsum("bhcs,bcshn,bcshp->bchpn", to_end, b, xdt)  # (Bt, nc, H, P, N)
+        to_end = to_end * (sc == sc[..., -1:])  # only the document that reaches the chunk's end
+    chunk_states = torch.einsum("bgrcs,bcsgn,bcsgrp->bcgrpn", to_end, b, xdt)  # (Bt, nc, G, R, P, N)
 
     # 3. across chunks: the recurrence on the states at chunk boundaries
-    h = x.new_zeros(batch, n_heads, head_dim, b.shape[-1]) if init_state is None else init_state.to(x.dtype)
-    chunk_decay = torch.exp(a_cum[..., -1])  # (Bt, H, nc)
+    shape = (batch, groups, reps, head_dim, state_size)
+    h = x.new_zeros(shape) if init_state is None else init_state.to(x.dtype).reshape(shape)  # (Bt, G, R, P, N)
+    chunk_decay = torch.exp(a_cum[..., -1])  # (Bt, G, R, nc)
     starts = []
     for k in range(n_chunks):
         if sc is not None and k > 0:  # a document starting the chunk starts from zero
-            h = h * (sc[:, k, 0] == sc[:, k - 1, -1])[:, None, None, None]
+            h = h * (sc[:, :, :, k, 0] == sc[:, :, :, k - 1, -1])[..., None, None]
         starts.append(h)
-        carry = chunk_decay[:, :, k, None, None]  # (Bt, H, 1, 1)
+        carry = chunk_decay[..., k, None, None]  # (Bt, G, R, 1, 1)
         if sc is not None:  # the carried state does not reach the end past a document start
-            carry = carry * (sc[:, k, -1] == sc[:, k, 0])[:, None, None, None]
+            carry = carry * (sc[:, :, :, k, -1] == sc[:, :, :, k, 0])[..., None, None]
         h = carry * h + chunk_states[:, k]
-    h_start = torch.stack(starts, dim=1)  # (Bt, nc, H, P, N) state entering each chunk
+    h_start = torch.stack(starts, dim=1)  # (Bt, nc, G, R, P, N) state entering each chunk
 
     # 4. the state entering each chunk, decayed to and read by each of its tokens
-    from_start = torch.exp(a_cum)  # (Bt, H, nc, Q)
+    from_start = torch.exp(a_cum)  # (Bt, G, R, nc, Q)
     if sc is not None:
-        from_start = from_start * (sc == sc[..., :1])[:, None]
-    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", c, h_start, from_start)  # (Bt, nc, Q, H, P)
+        from_start = from_start * (sc == sc[..., :1])
+    y_off = torch.einsum("bclgn,bcgrpn,bgrcl->bclgrp", c, h_start, from_start)  # (Bt, nc, Q, G, R, P)
 
     y = (y_diag + y_off).reshape(batch, n_chunks * q, n_heads, head_dim)[:, :seq_len]
-    return y, h
+    return y, h.reshape(batch, n_heads, head_dim, state_size)
