@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight-only int8 on the CPU (torch's packed kernel; about 1/4 of the fp32 weight bytes)")
     p.add_argument("--max_num_seqs", type=int, default=32, help="sequences decoded together at most")
     p.add_argument("--max_num_batched_tokens", type=int, default=2048, help="tokens per engine step at most")
+    p.add_argument("--prefill_chunk_size", type=int, default=None,
+                   help="while others decode, compute a new prompt this many tokens per step, in turns with "
+                        "decode steps (chunked prefill: a long prompt never stalls the streams); default: whole prompts")
     p.add_argument("--kv_cache_memory_mb", type=int, default=None, help="KV cache size (default: from free memory)")
     p.add_argument("--log_level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p.parse_args(argv)
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not Path(args.checkpoint).is_dir():  # fail before the slow imports
         raise UserError(f"checkpoint not found: {args.checkpoint}")
+    if args.prefill_chunk_size is not None and args.prefill_chunk_size < 1:
+        raise UserError(f"--prefill_chunk_size must be >= 1, got {args.prefill_chunk_size}")
     check_bindable(args.host, args.port)
     import uvicorn  # heavy imports after the argument checks
 
@@ -76,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     model_name = args.model_name or checkpoint.resolve().name
     engine = LLMEngine(checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype,
                        kv_cache_memory_mb=args.kv_cache_memory_mb, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, quantize=args.quantize)
+                       max_num_batched_tokens=args.max_num_batched_tokens, quantize=args.quantize,
+                       prefill_chunk_size=args.prefill_chunk_size)
     app = create_app(engine, model_name, api_key=args.api_key)
     print(f"serving {model_name!r} on http://{args.host}:{args.port}  (chat page at /, API at /v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
