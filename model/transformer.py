@@ -8,10 +8,11 @@ with Gemma 2/3's "sandwich" variant adding ``post_attn_norm`` / ``post_ffn_norm`
 branch outputs. Attention is MHA/GQA/MQA, MLA or linear attention; the FFN is dense or
 DeepSeekMoE per layer. Layers of type "mamba" are Mamba-2 blocks instead (`model.mamba2`:
 ``x + mixer(norm(x))``, no FFN), for pure Mamba-2 models and hybrid stacks. Embeddings are
-optionally scaled by sqrt(dim) (Gemma, in the embedding dtype like Hugging Face), the head is
-optionally tied to them, and the final logits optionally soft-capped (Gemma 2). RoPE tables are computed once per forward for each layer type: Gemma 3
-sliding layers use ``rope_local_theta`` without scaling, the other layers ``rope_theta`` and
-``rope_scaling``. DeepSeek-V3 multi-token prediction modules live in ``mtp``.
+optionally scaled by sqrt(dim) (Gemma, in the embedding dtype like Hugging Face), the head
+is optionally tied to them, and the final logits optionally soft-capped (Gemma 2). RoPE
+tables are computed once per forward for each layer type: Gemma 3 sliding layers use
+``rope_local_theta`` without scaling, the other layers ``rope_theta`` and ``rope_scaling``.
+DeepSeek-V3 multi-token prediction modules live in ``mtp``.
 """
 from __future__ import annotations
 
