@@ -146,13 +146,13 @@ def test_ring_attention_equals_single_process_attention(tmp_path, nproc):
 
 def _records(run) -> list[dict]:
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [{k: r[k] for k in ("step", "loss", "val_loss") if k in r} for r in map(json.loads, lines)]
+    return [{k: r[k] for k in ("step", "loss", "grad_norm", "val_loss") if k in r} for r in map(json.loads, lines)]
 
 
 def _assert_same_records(a: list[dict], b: list[dict]) -> None:
     assert [r.keys() for r in a] == [r.keys() for r in b] and any("val_loss" in r for r in a)
     for ra, rb in zip(a, b):
-        for key in ("loss", "val_loss"):
+        for key in ("loss", "grad_norm", "val_loss"):
             if key in ra:
                 assert abs(ra[key] - rb[key]) <= 1e-5, (ra, rb)
 

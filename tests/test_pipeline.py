@@ -78,22 +78,24 @@ def test_pipeline_loss_and_every_gradient_equal_one_process(tmp_path):
 
 @pytest.mark.slow
 def test_pretrain_pipelined_resumes_and_matches_one_process(tmp_path):
-    """`pretrain/train.py` with 2 pipeline stages (1F1B, 2 micro-batches, 3 layers split [2, 1]),
-    stopped after 2 of 4 steps and resumed from its per-stage-merged checkpoint == one process
-    straight through; the final checkpoint loads into a plain model."""
+    """`pretrain/train.py` on 4 ranks: 2 data-parallel replicas x 2 pipeline stages (1F1B, 2
+    micro-batches), validated at step 2, stopped after 3 of 4 steps and resumed from its
+    per-stage-merged checkpoint == one process straight through (losses, gradient norms,
+    validation losses); the final checkpoint loads into a plain model."""
     import pretrain.train as pretrain
     from utils.checkpoint import load_checkpoint
 
     data_dir = make_pretrain_data(tmp_path)
     runs = tmp_path / "runs"
-    training = {"max_steps": 4, "eval_interval": 2, "batch_size": 2, "grad_accum_steps": 2, "optimizer": "muon",
-                "pipeline_split": [2, 1]}
-    common = dict(checkpointing={"save_interval": 100}, model={"n_layers": 3})
-    two = tiny_config_dict(data_dir, runs, run_name="pp", training={**training, "pipeline_parallel": 2}, **common)
+    training = {"max_steps": 4, "eval_interval": 2, "batch_size": 2, "grad_accum_steps": 2, "optimizer": "muon"}
+    common = dict(checkpointing={"save_interval": 100})
+    parallel = {"pipeline_parallel": 2, "batch_size": 1}
+    four = tiny_config_dict(data_dir, runs, run_name="pp", training={**training, **parallel},
+                            **common)
     config = tmp_path / "pp.yaml"
-    config.write_text(yaml.safe_dump(two))
-    torchrun(SCRIPTS / "pretrain_until.py", [str(config), "2"], nproc=2)
-    torchrun(REPO_ROOT / "pretrain" / "train.py", ["--config_path", str(config), "--resume", "auto"], nproc=2)
+    config.write_text(yaml.safe_dump(four))
+    torchrun(SCRIPTS / "pretrain_until.py", [str(config), "3"], nproc=4)
+    torchrun(REPO_ROOT / "pretrain" / "train.py", ["--config_path", str(config), "--resume", "auto"], nproc=4)
     one = tiny_config_dict(data_dir, runs, run_name="one", training=training, **common)
     pretrain.train(validate(one, ExperimentConfig))
     _assert_same_records(_records(runs / "pretrain" / "pp"), _records(runs / "pretrain" / "one"))

@@ -30,7 +30,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
-from torch.distributed.pipelining import ScheduleLoopedBFS
 
 from model.positions import positions_from_doc_ids
 from model.transformer import Transformer
@@ -121,18 +120,18 @@ class Pipeline:
         common = dict(loss_fn=self._loss, scale_grads=False)
         if tcfg.pipeline_schedule == "interleaved_1f1b":
             self.schedule = ScheduleInterleaved1F1B(stages, accum, **common)
-            self.eval_schedule = ScheduleLoopedBFS(stages, 1, **common)
         else:
             cls = ScheduleGPipe if tcfg.pipeline_schedule == "gpipe" else Schedule1F1B
             self.schedule = cls(stages[0], accum, **common)
-            self.eval_schedule = ScheduleGPipe(stages[0], 1, **common)  # validation: one batch at a time
+        self.accum = accum
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
         """A micro-batch's objective: its summed cross-entropy over the step's target count."""
         return cross_entropy_sum(logits, labels)[0] * self.scale
 
-    def _run(self, schedule: Any, batch: Batch, train: bool) -> float:
-        """Run `schedule` on a whole batch; returns the summed cross-entropy (last stage, else 0)."""
+    def _run(self, batch: Batch, train: bool) -> float:
+        """Run the schedule on a whole batch (forward + backward, or forward only); returns the
+        summed cross-entropy (last stage, else 0)."""
         tokens = batch["input_ids"]  # (B, T)
         doc_ids = batch.get("doc_ids")
         positions = batch.get("position_ids")
@@ -143,7 +142,7 @@ class Pipeline:
         args = (tokens,) if self.is_first else ()
         target = batch["labels"] if self.is_last else None
         losses: list[Tensor] = []
-        run = schedule.step if train else schedule.eval
+        run = self.schedule.step if train else self.schedule.eval
         run(*args, target=target, losses=losses if self.is_last else None, return_outputs=False, **kwargs)
         return float(sum(loss.detach().double() for loss in losses) / self.scale) if losses else 0.0
 
@@ -151,7 +150,7 @@ class Pipeline:
         """Forward + backward of one optimizer step's micro-batches (on this rank's stages);
         gradients summed over data-parallel replicas. Returns this rank's summed cross-entropy."""
         self.scale = 1.0 / max(global_targets, 1)
-        loss_sum = self._run(self.schedule, concat_batches(micro), train=True)
+        loss_sum = self._run(concat_batches(micro), train=True)
         if self.dp_group is not None and dist.get_world_size(self.dp_group) > 1:
             for p in self.module.parameters():
                 if p.grad is not None:
@@ -174,15 +173,18 @@ class Pipeline:
     def evaluate(self, batches: Iterable[Batch], num_batches: int, device: torch.device,
                  amp: Callable[[], ContextManager]) -> dict[str, float]:
         """Validation loss / perplexity over `num_batches` batches per replica, like
-        `trainer.evaluation.evaluate` (forward only, one micro-batch per batch)."""
+        `trainer.evaluation.evaluate`: forward only, through the training schedule (its
+        `eval`), `grad_accum_steps` batches at a time as its micro-batches (a second schedule
+        over the same stages would re-plan their buffers under the first one)."""
         self.module.eval()
         self.scale = 1.0
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # (summed cross-entropy, targets)
-        for _, batch in zip(range(num_batches), batches):
-            batch = to_device(batch, device)
+        taken = [to_device(batch, device) for _, batch in zip(range(num_batches), batches)]
+        for i in range(0, len(taken), self.accum):
+            group = concat_batches(taken[i:i + self.accum])
             with amp():
-                totals[0] += self._run(self.eval_schedule, batch, train=False)
-            totals[1] += int((batch["labels"] != IGNORE_INDEX).sum()) if self.is_last else 0
+                totals[0] += self._run(group, train=False)
+            totals[1] += int((group["labels"] != IGNORE_INDEX).sum()) if self.is_last else 0
         all_reduce_sum(totals)
         self.module.train()
         loss = (totals[0] / totals[1].clamp(min=1)).item()

@@ -121,6 +121,10 @@ class TrainingConfig(Section):
         if self.pipeline_parallel > 1 and self.grad_accum_steps < self.pipeline_parallel:
             raise ValueError(f"pipeline_parallel={self.pipeline_parallel} needs grad_accum_steps (the micro-batches) "
                              f">= the number of stages, got grad_accum_steps={self.grad_accum_steps}")
+        if self.pipeline_parallel > 1 and self.eval_steps % self.grad_accum_steps:
+            raise ValueError(f"pipeline_parallel={self.pipeline_parallel} validates grad_accum_steps batches at a time "
+                             f"(the micro-batches): eval_steps={self.eval_steps} must be a multiple of "
+                             f"grad_accum_steps={self.grad_accum_steps}")
         if self.pipeline_schedule == "interleaved_1f1b" and self.grad_accum_steps % self.pipeline_parallel:
             raise ValueError(f"pipeline_schedule=interleaved_1f1b needs grad_accum_steps (the micro-batches) to be a "
                              f"multiple of pipeline_parallel={self.pipeline_parallel}, got {self.grad_accum_steps}")
