@@ -38,6 +38,9 @@ def test_bad_splits_are_one_line():
                                              "model.n_layers=3", "training.pipeline_split=[2,2]"])
     with pytest.raises(UserError, match="needs grad_accum_steps"):
         load_config(None, ExperimentConfig, ["training.pipeline_parallel=4", "model.n_layers=4"])
+    with pytest.raises(UserError, match="eval_steps=3 must be a multiple of grad_accum_steps=2"):
+        load_config(None, ExperimentConfig, ["training.pipeline_parallel=2", "training.grad_accum_steps=2",
+                                             "training.eval_steps=3"])
     with pytest.raises(UserError, match="a multiple of pipeline_parallel=2, got 5"):
         load_config(None, ExperimentConfig, ["training.pipeline_parallel=2", "training.grad_accum_steps=5",
                                              "training.pipeline_schedule=interleaved_1f1b", "model.n_layers=4"])
