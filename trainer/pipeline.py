@@ -9,9 +9,12 @@ run with PyTorch's own `torch.distributed.pipelining` (`PipelineStage` + a sched
 
 The micro-batches are the engine's gradient-accumulation micro-batches: one optimizer step
 concatenates ``grad_accum_steps`` loader batches and the schedule cuts them apart again. The
-loss of a micro-batch is its summed cross-entropy divided by the step's global target count
-(`trainer.losses`), so the gradients are those of one process over the same step
-(``scale_grads=False``: the schedule must not divide again). Data-parallel replicas of a stage
+loss is the causal-LM cross-entropy on ``labels`` (what pretraining and SFT compute; the last
+stage computes it, so the stage's own loss function is not called): a micro-batch's summed
+cross-entropy divided by the step's global target count (`trainer.losses`), so the gradients
+are those of one process over the same step (``scale_grads=False``: the schedule must not
+divide again). Forward and backward interleave inside the schedule, so under bf16 autocast
+covers both. Data-parallel replicas of a stage
 sum their gradients with one all-reduce per parameter; the gradient norm for clipping is
 summed over the stages.
 
