@@ -21,6 +21,13 @@ greedy decoding, no eos stop. Measured:
 
     python benchmarks/decode_speed.py                 # configs A and B
     python benchmarks/decode_speed.py --quick         # a quick smoke run (fewer tokens / rounds)
+    python benchmarks/decode_speed.py --llamacpp --threads 2   # vs llama.cpp instead (requirements-bench.txt)
+    python benchmarks/decode_speed.py --chunked_prefill 16 64 --threads 2   # a long prompt vs 8 decoding streams
+
+``--llamacpp`` compares against llama.cpp (`benchmarks/llamacpp.py`) instead of ``generate``: the
+same random Llama exported to GGUF by our converter, one stream on A and B (ours fp32 vs
+llama.cpp f32, ours before the fused projections, ours int8 vs llama.cpp q8_0) and 16
+concurrent streams on B (llama.cpp batched through its C API), ratios ours / llama.cpp.
 
 Prints one JSON object.
 """
@@ -54,14 +61,14 @@ PROMPT_LEN = 32
 BANDWIDTH_MB = 512
 
 
-def save_hf_llama(name: str, directory: Path):
+def save_hf_llama(name: str, directory: Path, max_len: int = MAX_LEN):
     """A random transformers Llama of config ``name`` saved to ``directory`` (the model is returned)."""
     import transformers
 
     vocab, dim, layers, heads, kv_heads, ffn = CONFIGS[name]
     cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=MAX_LEN, rms_norm_eps=1e-5,
+        num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=max_len, rms_norm_eps=1e-5,
         tie_word_embeddings=False,
     )
     torch.manual_seed(0)
@@ -263,6 +270,23 @@ def mla_cache_bytes() -> dict:
     return out
 
 
+def llamacpp_report(args: argparse.Namespace) -> dict:
+    """Ours vs llama.cpp on configs A and B (16 concurrent streams on B), see the module docstring."""
+    import llama_cpp
+
+    from benchmarks.llamacpp import compare
+
+    report: dict = {"torch": torch.__version__, "llama_cpp_python": llama_cpp.__version__,
+                    "threads": torch.get_num_threads(), "device": "cpu", "new_tokens": args.new_tokens, "configs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            save_hf_llama(name, Path(tmp) / name)
+            streams = 16 if name == "B" else 1
+            report["configs"][name] = compare(name, Path(tmp) / name, Path(tmp), args.new_tokens, args.rounds,
+                                              torch.get_num_threads(), streams)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="decode tokens/s of our engine vs transformers generate")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -270,6 +294,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds (a smoke run)")
+    parser.add_argument("--llamacpp", action="store_true", help="compare with llama.cpp (llama-cpp-python) instead")
+    parser.add_argument("--chunked_prefill", nargs="*", type=int, default=None, metavar="CHUNK",
+                        help="instead: ITL of 8 streams on B while a 2,000-token prompt arrives, per chunk size")
     args = parser.parse_args()
     if args.quick:
         args.new_tokens, args.rounds = 32, 2
@@ -277,6 +304,18 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     import transformers
 
+    if args.llamacpp:
+        print(json.dumps(llamacpp_report(args), indent=2))
+        return
+    if args.chunked_prefill is not None:
+        from benchmarks.chunked_prefill import LONG_PROMPT, chunked_prefill_report
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_hf_llama("B", Path(tmp) / "B", max_len=4096)
+            runs = chunked_prefill_report(Path(tmp) / "B", CONFIGS["B"][0], [None, *(args.chunked_prefill or [32])])
+        print(json.dumps({"threads": torch.get_num_threads(), "long_prompt_tokens": LONG_PROMPT, "config": "B",
+                          "runs": runs}, indent=2))
+        return
     bandwidth = memory_bandwidth_gbs(args.rounds)
     report: dict = {
         "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads(),

@@ -1,0 +1,147 @@
+"""llama.cpp as the reference of `benchmarks/decode_speed.py --llamacpp` (through ``llama-cpp-python``).
+
+The benchmark's Hugging Face Llama is exported to GGUF by our own converter
+(`utils/convert_hf.py --to_gguf`, f32 or q8_0) and run by llama.cpp on the same threads. Greedy
+decoding drives llama.cpp's C API directly (``llama_batch`` + ``llama_decode``, the loop of
+llama.cpp's ``examples/batched``): one batch per step holding the last token of every stream
+(each stream its own sequence id in one KV cache), the next token the argmax of its logits. So
+one stream and 16 concurrent streams take the same path, and no Python sampler is timed.
+"""
+from __future__ import annotations
+
+import ctypes
+import random
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.tokenizer.io import write_hf_configs
+from data_pipeline.tokenizer.train_tokenizer import train_hf
+from utils.convert_hf import checkpoint_to_gguf
+
+TOKENIZER_TEXT = ["Once upon a time there was a little cat who liked to play in the sun."] * 4
+
+
+def export_gguf(hf_dir: Path, out: Path, outtype: str) -> Path:
+    """GGUF of a Hugging Face directory without a tokenizer: a small byte-level BPE is put beside it
+    first (the benchmark feeds token ids; the export pads the vocabulary to the model's)."""
+    if not (hf_dir / "tokenizer.json").is_file():
+        train_hf(TOKENIZER_TEXT, 300).save(str(hf_dir / "tokenizer.json"))
+        write_hf_configs(hf_dir)
+    checkpoint_to_gguf(hf_dir, out, outtype)
+    return out
+
+
+class LlamaCpp:
+    """A GGUF model in llama.cpp with a KV cache for ``max_streams`` sequences of ``max_len`` tokens."""
+
+    def __init__(self, path: Path, threads: int, max_streams: int, max_len: int) -> None:
+        import llama_cpp
+
+        self.lib = llama_cpp
+        # f32 K/V (llama.cpp's default is f16) as our engine's fp32 pool
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=max_streams * max_len, n_batch=max_streams * max_len,
+                                   n_ubatch=512, n_seq_max=max_streams, n_threads=threads, n_threads_batch=threads,
+                                   type_k=0, type_v=0, logits_all=False, verbose=False)
+        self.ctx = self.llm.ctx
+        self.n_vocab = self.llm.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(max_streams * max_len, 0, max_streams)
+
+    def _clear(self) -> None:
+        lib = self.lib
+        lib.llama_memory_clear(lib.llama_get_memory(self.ctx), True)
+
+    def _decode(self, rows: list[tuple[int, list[int], int]]) -> list[int]:
+        """One llama_decode of rows (stream, tokens, first position); the argmax after each row's last token."""
+        b, n = self.batch, 0
+        last = []
+        for stream, tokens, start in rows:
+            for j, token in enumerate(tokens):
+                b.token[n], b.pos[n], b.n_seq_id[n] = token, start + j, 1
+                b.seq_id[n][0] = stream
+                b.logits[n] = j == len(tokens) - 1
+                n += 1
+            last.append(n - 1)
+        b.n_tokens = n
+        if self.lib.llama_decode(self.ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        out = []
+        for i in last:
+            ptr = self.lib.llama_get_logits_ith(self.ctx, i)
+            logits = np.ctypeslib.as_array(ctypes.cast(ptr, ctypes.POINTER(ctypes.c_float)), shape=(self.n_vocab,))
+            out.append(int(logits.argmax()))
+        return out
+
+    def generate(self, prompts: list[list[int]], n: int) -> tuple[list[list[int]], float]:
+        """n greedy tokens for every prompt at once: (tokens per stream, seconds)."""
+        self._clear()
+        start = time.perf_counter()
+        nxt = self._decode([(s, p, 0) for s, p in enumerate(prompts)])  # prefill
+        out = [[t] for t in nxt]
+        for k in range(1, n):
+            nxt = self._decode([(s, [out[s][-1]], len(p) + k - 1) for s, p in enumerate(prompts)])
+            for s, t in enumerate(nxt):
+                out[s].append(t)
+        return out, time.perf_counter() - start
+
+
+def _tps(n: int, t_full: list[float], t_one: list[float]) -> float:
+    """Decode tokens/s from interleaved timings of n tokens and of 1 (prefill left out), medians."""
+    return (n - 1) / statistics.median([a - b for a, b in zip(t_full, t_one)])
+
+
+def compare(name: str, hf_dir: Path, tmp: Path, n: int, rounds: int, threads: int, streams: int) -> dict:
+    """Our engine (fused fp32 = now; unfused fp32 = before; int8) vs llama.cpp (f32, q8_0) on the
+    same weights, prompt, threads and token count, timed in interleaved rounds; ratios ours / theirs."""
+    from benchmarks.decode_speed import CONFIGS, PROMPT_LEN, run_ours
+    from inference.engine.llm_engine import LLMEngine
+
+    rng = random.Random(0)
+    vocab = CONFIGS[name][0]
+    prompts = [[rng.randrange(vocab) for _ in range(PROMPT_LEN)] for _ in range(streams)]
+    max_len = PROMPT_LEN + n + 1
+    ours = {
+        "fp32": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams),
+        "fp32_unfused": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams, fuse_projections=False),
+        "int8": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams, quantize="int8"),
+    }
+    theirs = {t: LlamaCpp(export_gguf(hf_dir, tmp / f"{name}-{t}.gguf", t), threads, streams, max_len)
+              for t in ("f32", "q8_0")}
+    one = prompts[:1]
+    runs = {f"ours_{k}": (lambda e=e, p=one, k=1: run_ours(e, p, k)[2]) for k, e in ours.items()}
+    runs.update({f"llamacpp_{k}": (lambda m=m, p=one, k=1: m.generate(p, k)[1]) for k, m in theirs.items()})
+    for fn in runs.values():  # warm-up
+        fn(k=4)
+    full = {k: [] for k in runs}
+    first = {k: [] for k in runs}
+    for _ in range(rounds):  # interleaved: background load hits all alike
+        for key, fn in runs.items():
+            full[key].append(fn(k=n))
+            first[key].append(fn(k=1))
+    tps = {key: _tps(n, full[key], first[key]) for key in runs}
+    ours_tokens = run_ours(ours["fp32"], one, n)[0][0]
+    llama_tokens = theirs["f32"].generate(one, n)[0][0]
+    result = {
+        "single_stream_tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "greedy_tokens_match_llamacpp_f32": ours_tokens == llama_tokens,
+        "ratios_single_stream": {
+            "ours_fp32_vs_llamacpp_f32": round(tps["ours_fp32"] / tps["llamacpp_f32"], 3),
+            "ours_fp32_unfused_vs_llamacpp_f32": round(tps["ours_fp32_unfused"] / tps["llamacpp_f32"], 3),
+            "ours_int8_vs_llamacpp_q8_0": round(tps["ours_int8"] / tps["llamacpp_q8_0"], 3),
+        },
+    }
+    if streams > 1:
+        agg = {"ours_fp32": [], "ours_fp32_unfused": [], "llamacpp_f32": []}
+        for _ in range(rounds):
+            for key in ("ours_fp32", "ours_fp32_unfused"):
+                agg[key].append(streams * n / run_ours(ours[key.removeprefix("ours_")], prompts, n)[2])
+            agg["llamacpp_f32"].append(streams * n / theirs["f32"].generate(prompts, n)[1])
+        med = {k: statistics.median(v) for k, v in agg.items()}
+        result[f"streams_{streams}_aggregate_tokens_per_s"] = {k: round(v, 1) for k, v in med.items()}
+        result[f"ratios_{streams}_streams"] = {
+            "ours_fp32_vs_llamacpp_f32": round(med["ours_fp32"] / med["llamacpp_f32"], 3),
+            "ours_fp32_unfused_vs_llamacpp_f32": round(med["ours_fp32_unfused"] / med["llamacpp_f32"], 3),
+        }
+    return result
