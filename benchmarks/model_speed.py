@@ -10,8 +10,13 @@ model's ``mfu`` uses `model.flops_per_token` (6 N + attention) over the trainer'
 definition (`trainer.metrics.peak_flops`; on a CPU, a measured fp32 matmul), named in
 ``mfu_peak_source``.
 
+``--mamba2`` adds a Mamba-2 model (`model.mamba2`, eager) of the Llama's width and vocabulary
+whose layer count brings its parameters closest to the Llama's, timed in the same rounds on the
+same batch: ``mamba2`` (its tokens/s) and ``speedup_mamba2_vs_ours`` (> 1: faster than our Llama).
+
     python benchmarks/model_speed.py                 # configs A and B, eager + compiled
     python benchmarks/model_speed.py --configs A --compile off --iters 3
+    python benchmarks/model_speed.py --mamba2 --compile off
 
 Prints one JSON object.
 """
@@ -33,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model import build_model, flops_per_token  # noqa: E402
+from model import ModelConfig, build_model, count_params, flops_per_token  # noqa: E402
 from model.hf import load_hf_dir  # noqa: E402
 from trainer.metrics import mfu, peak_flops  # noqa: E402
 
@@ -63,6 +68,17 @@ def hf_and_ours(name: str, tmp: Path):
     return hf.train(), ours.train(), cfg
 
 
+def mamba2_of_equal_size(llama: ModelConfig) -> ModelConfig:
+    """A Mamba-2 model of the Llama's width and vocabulary (64-wide heads, state 64, chunks of
+    64) with the layer count whose total parameters come closest to the Llama's."""
+    target = count_params(llama)["total"]
+    base = dict(family="mamba2", vocab_size=llama.vocab_size, dim=llama.dim, max_seq_len=llama.max_seq_len,
+                position_type="none", tie_embeddings=llama.tie_embeddings, mamba_head_dim=64, mamba_state_size=64,
+                mamba_chunk_size=64)
+    sizes = [ModelConfig(**base, n_layers=n) for n in range(1, 4 * llama.n_layers + 1)]
+    return min(sizes, key=lambda c: abs(count_params(c)["total"] - target))
+
+
 def train_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor, hf: bool) -> None:
     """Forward, token cross-entropy, backward; gradients freed afterwards."""
     logits = model(tokens).logits if hf else model(tokens)  # (B, T, V)
@@ -86,16 +102,21 @@ def measure(steps: dict[str, Callable[[], None]], warmup: int, iters: int) -> di
     return times
 
 
-def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: int) -> dict:
+def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: int, mamba2: bool = False) -> dict:
     hf, ours, cfg = hf_and_ours(name, tmp)
     vocab, *_, seq_len, batch = CONFIGS[name]
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=g)
     targets = torch.randint(0, vocab, (batch, seq_len), generator=g)
     steps: dict[str, Callable[[], None]] = {}
-    if compile_mode in ("off", "both"):
+    if compile_mode in ("off", "both") or mamba2:
         steps["ours"] = lambda: train_step(ours, tokens, targets, hf=False)
     steps["hf_sdpa"] = lambda: train_step(hf, tokens, targets, hf=True)
+    mamba_cfg = mamba2_of_equal_size(cfg) if mamba2 else None
+    if mamba_cfg is not None:
+        torch.manual_seed(0)
+        mamba = build_model(mamba_cfg).train()
+        steps["mamba2"] = lambda: train_step(mamba, tokens, targets, hf=False)
     compile_error = None
     if compile_mode in ("on", "both"):
         compiled = torch.compile(ours)
@@ -118,12 +139,21 @@ def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: in
     }
     for key, ts in times.items():
         tps = tokens_per_step / statistics.median(ts)
+        key_fpt = flops_per_token(mamba_cfg, seq_len) if key == "mamba2" else fpt
         result[key] = {
             "step_s_median": round(statistics.median(ts), 4),
             "step_s_all": [round(t, 4) for t in ts],
             "tokens_per_s": round(tps, 1),
-            "mfu": round(mfu(fpt, tps, peak), 3),
+            "mfu": round(mfu(key_fpt, tps, peak), 3),
         }
+    if mamba_cfg is not None:
+        result["mamba2"].update(
+            params=count_params(mamba_cfg)["total"], llama_params=count_params(cfg)["total"],
+            shape=dict(layers=mamba_cfg.n_layers, d_inner=mamba_cfg.mamba_inner, heads=mamba_cfg.mamba_heads,
+                       head_dim=mamba_cfg.mamba_head_dim, state=mamba_cfg.mamba_state_size,
+                       chunk=mamba_cfg.mamba_chunk_size))
+        result["speedup_mamba2_vs_ours"] = round(statistics.median(
+            [o / m for o, m in zip(times["ours"], times["mamba2"])]), 3)
     for key in ("ours", "ours_compiled"):
         if key in times:
             # per round: the two steps ran back to back under the same background load
@@ -144,6 +174,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--mamba2", action="store_true",
+                        help="also time a Mamba-2 model with about the Llama's parameter count (eager)")
     args = parser.parse_args()
 
     import transformers
@@ -160,7 +192,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
-            report["configs"][name] = bench_config(name, Path(tmp), args.compile, args.warmup, args.iters)
+            report["configs"][name] = bench_config(name, Path(tmp), args.compile, args.warmup, args.iters, args.mamba2)
     print(json.dumps(report, indent=2))
 
 
