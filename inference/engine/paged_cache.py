@@ -278,8 +278,9 @@ class PagedKVCache(KVCache):
                 shapes = mamba_state_shapes(cfg)
             elif cfg.attention_type == "linear":
                 shapes = ((cfg.n_heads, hd, hd), (cfg.n_heads, hd))
-            else:
-                pools = [torch.zeros(num_slots, *shape, device=device, dtype=dtype) for shape in cache_entry_shapes(cfg)]
+            else:  # attention: K/V (or MLA's latent) entries per token slot of the block pool
+                entries = cache_entry_shapes(cfg)
+                pools = [torch.zeros(num_slots, *shape, device=device, dtype=dtype) for shape in entries]
                 layers.append(PagedKVLayer(self, pools))
                 continue
             states = [torch.zeros(max_num_seqs, *shape, device=device, dtype=state_dtype) for shape in shapes]
