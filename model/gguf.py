@@ -213,6 +213,7 @@ def write_gguf(
     tensors = gguf_tensors(cfg, sd)
     tok = tokenizer_fields(tokenizer, cfg.vocab_size) if tokenizer is not None else None
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     w = gguf.GGUFWriter(str(tmp), GGUF_ARCH[cfg.family])
     w.add_name(name)
