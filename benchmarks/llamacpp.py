@@ -41,13 +41,23 @@ class LlamaCpp:
         import llama_cpp
 
         self.lib = llama_cpp
-        # f32 K/V (llama.cpp's default is f16) as our engine's fp32 pool
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=max_streams * max_len, n_batch=max_streams * max_len,
-                                   n_ubatch=512, n_seq_max=max_streams, n_threads=threads, n_threads_batch=threads,
-                                   type_k=0, type_v=0, logits_all=False, verbose=False)
-        self.ctx = self.llm.ctx
+        # the high-level object loads the model (its own small context stays unused); the context
+        # we decode with is made through the C API, which lets it hold max_streams sequences
+        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=threads, verbose=False)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = params.n_batch = max_streams * max_len
+        params.n_ubatch = 512
+        params.n_seq_max = max_streams
+        params.n_threads = params.n_threads_batch = threads
+        params.type_k = params.type_v = 0  # f32 K/V (llama.cpp's default is f16), as our engine's fp32 pool
+        self.ctx = llama_cpp.llama_init_from_model(self.llm.model, params)
         self.n_vocab = self.llm.n_vocab()
         self.batch = llama_cpp.llama_batch_init(max_streams * max_len, 0, max_streams)
+
+    def close(self) -> None:
+        self.lib.llama_batch_free(self.batch)
+        self.lib.llama_free(self.ctx)
+        self.llm.close()
 
     def _clear(self) -> None:
         lib = self.lib
@@ -144,4 +154,6 @@ def compare(name: str, hf_dir: Path, tmp: Path, n: int, rounds: int, threads: in
             "ours_fp32_vs_llamacpp_f32": round(med["ours_fp32"] / med["llamacpp_f32"], 3),
             "ours_fp32_unfused_vs_llamacpp_f32": round(med["ours_fp32_unfused"] / med["llamacpp_f32"], 3),
         }
+    for model in theirs.values():
+        model.close()
     return result
