@@ -26,7 +26,7 @@ greedy decoding, no eos stop. Measured:
 
 ``--llamacpp`` compares against llama.cpp (`benchmarks/llamacpp.py`) instead of ``generate``: the
 same random Llama exported to GGUF by our converter, one stream on A and B (ours fp32 vs
-llama.cpp f32, ours before the fused projections, ours int8 vs llama.cpp q8_0) and 16
+llama.cpp f32, ours before the load-time rewrites, ours int8 vs llama.cpp q8_0) and 16
 concurrent streams on B (llama.cpp batched through its C API), ratios ours / llama.cpp.
 
 Prints one JSON object.
@@ -120,15 +120,20 @@ def memory_bandwidth_gbs(rounds: int) -> float:
 def gemv_pass(model: torch.nn.Module) -> Callable[[], None]:
     """The matrix-vector products of one decode token and nothing else (the same weights and
     kernels): the floor of a batch-1 decode step, and the bandwidth those kernels reach."""
-    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    from inference.engine.optimize import TransposedLinear
+
+    products = [(m.in_features, lambda x, m=m: x @ m.weight_t) for m in model.modules()
+                if isinstance(m, TransposedLinear)]
+    products += [(m.in_features, lambda x, m=m: F.linear(x, m.weight)) for m in model.modules()
+                 if isinstance(m, torch.nn.Linear)]
     if model.lm_head is None:
-        weights.append(model.embed.weight)
-    inputs = [torch.randn(1, w.shape[1]) for w in weights]
+        products.append((model.embed.weight.shape[1], lambda x: F.linear(x, model.embed.weight)))
+    inputs = [torch.randn(1, k) for k, _ in products]
 
     def run() -> None:
         with torch.inference_mode():
-            for x, w in zip(inputs, weights):
-                F.linear(x, w)
+            for x, (_, product) in zip(inputs, products):
+                product(x)
 
     return run
 

@@ -10,6 +10,7 @@ import torch
 from conftest import assert_user_error, run_script
 from engine_fixtures import save_model
 from model import build_model, get_preset
+from inference.engine.optimize import TransposedLinear
 from model.int8 import Int8Linear, quantize_int8
 from serving_fixtures import STORIES, make_tokenizer
 from utils.paths import REPO_ROOT
@@ -40,7 +41,7 @@ def test_quantize_keeps_layers_the_kernel_cannot_take() -> None:
     assert isinstance(model.layers[0].ffn.down_proj, torch.nn.Linear)
 
 
-def test_fused_projections_decode_as_before(tmp_path) -> None:
+def test_load_time_rewrites_decode_as_before(tmp_path) -> None:
     from inference.engine.llm import LLM
     from inference.engine.sampling import SamplingParams
 
@@ -48,9 +49,10 @@ def test_fused_projections_decode_as_before(tmp_path) -> None:
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     fused = LLM(ckpt, device="cpu", dtype="fp32")
-    plain = LLM(ckpt, device="cpu", dtype="fp32", fuse_projections=False)
+    plain = LLM(ckpt, device="cpu", dtype="fp32", optimize=False)
     assert fused.engine.model.layers[0].attn.qkv_proj is not None
     assert fused.engine.model.layers[0].ffn.gate_up_proj is not None
+    assert isinstance(fused.engine.model.layers[0].attn.o_proj, TransposedLinear)
     assert plain.engine.model.layers[0].attn.qkv_proj is None
     assert [o.token_ids for o in fused.generate(prompts, params)] == [o.token_ids for o in plain.generate(prompts, params)]
 

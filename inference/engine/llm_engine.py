@@ -92,8 +92,9 @@ class LLMEngine:
     tokenizer for speculative decoding with ``num_speculative_tokens`` drafts per step.
     ``prefill_chunk_size``: while other sequences decode, a prompt is computed at most this many
     tokens per step, in turns with decode steps (chunked prefill; None: whole prompts at once).
-    ``quantize="int8"``: weight-only int8 on the CPU; ``fuse_projections``: one matmul for q/k/v and
-    one for gate/up (`inference.engine.optimize`; models loaded from disk only).
+    ``quantize="int8"``: weight-only int8 on the CPU; ``optimize``: the load-time rewrites of
+    `inference.engine.optimize` (one matmul for q/k/v and one for gate/up; on the CPU, linear
+    weights stored transposed), for models loaded from disk only.
     """
 
     def __init__(
@@ -111,7 +112,7 @@ class LLMEngine:
         draft_checkpoint: Optional[Union[str, Path]] = None,
         num_speculative_tokens: int = 4,
         quantize: Optional[str] = None,
-        fuse_projections: bool = True,
+        optimize: bool = True,
     ) -> None:
         if isinstance(checkpoint, LoadedModel):
             if adapter is not None or quantize is not None:
@@ -125,8 +126,7 @@ class LLMEngine:
             self.dtype = pick_dtype(dtype, self.device)
             loaded = load_model(checkpoint, self.device, self.dtype, adapter)
             check_quantize(quantize, loaded.config, self.device)
-            if fuse_projections or quantize is not None:
-                optimize_for_inference(loaded.model, quantize)
+            optimize_for_inference(loaded.model, quantize, optimize)
         self.model, self.config = loaded.model, loaded.config
         self.tokenizer: Optional[Tokenizer] = loaded.tokenizer
         self._tokenizer_file = loaded.tokenizer_file
@@ -151,8 +151,7 @@ class LLMEngine:
                                 "rejected drafts")
             draft = load_model(draft_checkpoint, self.device, self.dtype)
             check_quantize(quantize, draft.config, self.device)
-            if fuse_projections or quantize is not None:
-                optimize_for_inference(draft.model, quantize)
+            optimize_for_inference(draft.model, quantize, optimize)
             if draft.config.vocab_size != self.config.vocab_size:
                 raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs from the "
                                 f"target's ({self.config.vocab_size}): it must use the same tokenizer")
