@@ -60,6 +60,9 @@ def test_long_prompt_is_chunked_without_stalling_decoders(kind, checkpoint) -> N
     for i in range(start, first_long):  # ... and the decoders advanced in every other one of them
         assert steps[i] or steps[i + 1], f"no stream advanced in steps {i} and {i + 1}"
         assert "req-0" in steps[i] | steps[i + 1]
+    if eng.scheduler.mix_chunks:  # KV-pool models: each chunk rides in a decode step (one packed forward)
+        assert kind in ("gqa", "sliding_window")
+        assert all("req-0" in steps[i] for i in range(start, first_long))
 
 
 def test_chunked_prompts_share_prefix_cache_and_survive_preemption(checkpoint) -> None:  # noqa: F811
@@ -111,3 +114,24 @@ def test_scheduler_alternates_chunks_with_decode_steps() -> None:
     assert kinds == [(False, ["a"], [1]), (True, ["b"], [5]), (False, ["a"], [1]), (True, ["b"], [5]),
                      (False, ["a"], [1]), (True, ["b"], [2])]  # turns: a decodes between b's chunks
     assert len(b) == 13 and sched.schedule().seqs == [a, b]  # b decodes with a from now on
+
+
+def test_scheduler_mixes_chunks_into_decode_steps() -> None:
+    sched = Scheduler(num_blocks=64, block_size=4, max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64,
+                      prefill_chunk_size=5, mix_chunks=True)
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    a = Sequence("a", list(range(3)), params)
+    sched.add(a)
+    sched.postprocess(sched.schedule().seqs, [7])
+    b = Sequence("b", list(range(12)), params)
+    sched.add(b)
+    kinds = []
+    for _ in range(3):
+        out = sched.schedule()
+        kinds.append((out.packed, [s.request_id for s in out.seqs], out.num_new_tokens))
+        for seq, n in zip(out.seqs, out.num_new_tokens):
+            if seq.num_computed_tokens + n < len(seq):
+                sched.advance_prefill(seq, n)
+            else:
+                sched.postprocess([seq], [1])
+    assert kinds == [(True, ["a", "b"], [1, 5]), (True, ["a", "b"], [1, 5]), (True, ["a", "b"], [1, 2])]

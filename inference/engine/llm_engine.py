@@ -162,8 +162,12 @@ class LLMEngine:
 
         num_blocks = self._num_blocks(kv_cache_memory_mb, block_size, max_num_seqs, lookahead,
                                       draft.config if draft is not None else None)
+        # a chunk can join the decode rows in one packed forward where every layer keeps its K/V in the pool
+        packable = draft is None and self.config.attention_type == "mha" and all(
+            self.config.layer_type(i) in ("full", "sliding") for i in range(self.config.n_layers))
         self.scheduler = Scheduler(num_blocks, block_size, self.max_model_len, self.eos_token_ids, max_num_seqs,
-                                   max_num_batched_tokens, enable_prefix_caching, lookahead, prefill_chunk_size)
+                                   max_num_batched_tokens, enable_prefix_caching, lookahead, prefill_chunk_size,
+                                   mix_chunks=packable)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, max_num_seqs, self.device, self.dtype)
         self.runner = ModelRunner(self.model, self.cache)
         self.speculative: Optional[SpeculativeDecoder] = None
@@ -290,7 +294,7 @@ class LLMEngine:
             generators = [self._requests[s.request_id].generator for s in seqs]
             new_tokens, entries = self.speculative.decode(seqs, self.runner, generators)
         else:
-            seqs, new_tokens, entries = self._sample_step(seqs, out.num_new_tokens, out.is_prefill)
+            seqs, new_tokens, entries = self._sample_step(seqs, out.num_new_tokens, out.is_prefill, out.packed)
         lengths = [len(s) for s in seqs]
         self.scheduler.postprocess(seqs, new_tokens)
         outputs = []
@@ -303,14 +307,14 @@ class LLMEngine:
         return outputs
 
     def _sample_step(
-        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool
+        self, seqs: list[Sequence], num_new_tokens: list[int], is_prefill: bool, packed: bool = False
     ) -> tuple[list[Sequence], list[int], list[Optional[list[LogprobEntry]]]]:
         """One forward over the scheduled rows, then one token for every row that reaches the end of
         its sequence: (those sequences, their tokens, logprob entries). A prefill chunk that stops
-        short only advances (chunked prefill)."""
+        short only advances (chunked prefill); ``packed``: the rows share one unpadded forward."""
         rows = [Row(s.token_ids[s.num_computed_tokens : s.num_computed_tokens + n], s.num_computed_tokens,
                     s.block_table, s.slot) for s, n in zip(seqs, num_new_tokens)]
-        logits = self.runner.forward(rows)  # (B, V)
+        logits = self.runner.forward(rows, packed=packed)  # (B, V)
         if is_prefill and self.speculative is not None:
             self.speculative.prefill(seqs, rows)
         ends = [r.start + len(r.token_ids) == len(s) for s, r in zip(seqs, rows)]

@@ -40,13 +40,21 @@ class ModelRunner:
         self.device = cache.device
 
     @torch.inference_mode()
-    def forward(self, rows: list[Row], logits: str = "last") -> Optional[torch.Tensor]:
+    def forward(self, rows: list[Row], logits: str = "last", packed: bool = False) -> Optional[torch.Tensor]:
         """Compute every row's new tokens, writing their K/V into the pool.
 
         ``logits``: "last" -> (B, V) at each row's last new token; "all" -> (B, T, V) at every
         new token (padding rows included, T the longest row); "none" -> None (cache only).
+        ``packed``: the rows side by side in one row, no padding (`PackedStepBatch`; "last" only).
         """
         lens = [len(r.token_ids) for r in rows]
+        if packed:
+            tokens = torch.tensor([[t for r in rows for t in r.token_ids]], device=self.device)  # (1, N)
+            step = self.cache.begin_step([r.start for r in rows], lens, [r.block_table for r in rows],
+                                         [r.slot for r in rows], packed=True)
+            hidden = self.model.forward_hidden(tokens, step.positions, self.cache)  # (1, N, D)
+            last = torch.tensor(lens, device=self.device).cumsum(0) - 1  # (B,) each row's last token
+            return self.model.head(self.model.norm(hidden[0, last]))  # (B, V)
         seq_len = max(lens)
         padded = [r.token_ids + [PAD_TOKEN_ID] * (seq_len - len(r.token_ids)) for r in rows]
         tokens = torch.tensor(padded, device=self.device)  # (B, T)

@@ -28,7 +28,7 @@ objects (`PagedKVLayer`, `PagedStateLayer`) follow the paged contract of `model.
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -119,6 +119,7 @@ class StepBatch:
         self.starts, self.lens, self.block_tables, self.slots = starts, lens, block_tables, state_slots
         self.block_size, self.scratch_block, self.device = block_size, scratch_block, device
         self.ends = [s + n for s, n in zip(starts, lens)]
+        self.batch_size = len(lens)
         self.seq_len, self.ctx = max(lens), max(self.ends)  # T, S
         self.no_padding = all(n == self.seq_len for n in lens) and all(e == self.ctx for e in self.ends)
         self.all_from_start = all(s == 0 for s in starts)  # then the keys are the queries (S == T)
@@ -187,6 +188,40 @@ class StepBatch:
         return self._masks[key], False
 
 
+class PackedStepBatch:
+    """A `StepBatch` whose rows are packed into one row, without padding: the N = sum(lens) new
+    tokens side by side (1, N), each row's context 0 .. ends[b] - 1 gathered side by side (1, S),
+    S = sum(ends), and a mask that lets a query see only its own row's keys. A decode step's
+    one-token rows and a prefill chunk then share one forward (chunked prefill: the weights are
+    read once), at the cost of attention scores across rows that the mask throws away. For
+    attention layers with a KV pool only (no linear-attention or SSM state).
+    """
+
+    def __init__(self, starts: list[int], lens: list[int], block_tables: list[list[int]], block_size: int,
+                 device: torch.device) -> None:
+        self.lens, self.device = lens, device
+        ends = [s + n for s, n in zip(starts, lens)]
+        self.batch_size, self.seq_len, self.ctx = 1, sum(lens), sum(ends)  # 1, N, S
+        self.contiguous_start = None
+        new_pos = [p for s, e in zip(starts, ends) for p in range(s, e)]
+        self.positions = torch.tensor([new_pos], device=device)  # (1, N)
+        self.write_slots = torch.tensor([x for t, s, e in zip(block_tables, starts, ends)
+                                         for x in slot_mapping(t, block_size, s, e)], device=device)  # (N,)
+        self.gather_slots = torch.tensor([x for t, e in zip(block_tables, ends)
+                                          for x in slot_mapping(t, block_size, 0, e)], device=device)  # (S,)
+        self.key_positions = torch.tensor([[p for e in ends for p in range(e)]], device=device)  # (1, S)
+        self._q_rows = torch.tensor([b for b, n in enumerate(lens) for _ in range(n)], device=device)  # (N,)
+        self._k_rows = torch.tensor([b for b, e in enumerate(ends) for _ in range(e)], device=device)  # (S,)
+        self._masks: dict = {}
+
+    def mask(self, window: Optional[int] = None, force: bool = False) -> tuple[Optional[torch.Tensor], bool]:
+        """(1, 1, N, S) bool: a query sees its own row's keys up to its position (and within ``window``)."""
+        if window not in self._masks:
+            same_row = self._q_rows[:, None] == self._k_rows[None, :]  # (N, S)
+            self._masks[window] = step_mask(self.positions, self.key_positions, window) & same_row
+        return self._masks[window], False
+
+
 # ---------------------------------------------------------------------------- layer caches
 class PagedKVLayer:
     """One layer's pools (num_slots, *entry) (k and v, or MLA's c_kv and k_pe); paged contract."""
@@ -208,7 +243,7 @@ class PagedKVLayer:
                 context = pool[start : start + step.ctx]
             else:
                 context = pool.index_select(0, step.gather_slots)
-            out.append(context.view(len(step.lens), step.ctx, *pool.shape[1:]))
+            out.append(context.view(step.batch_size, step.ctx, *pool.shape[1:]))
         return tuple(out)
 
     @property
@@ -267,7 +302,7 @@ class PagedKVCache(KVCache):
     ) -> None:
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, device
         self.scratch_block = num_blocks  # padding tokens write here; never part of a block table
-        self.step: Optional[StepBatch] = None
+        self.step: Optional[Union[StepBatch, PackedStepBatch]] = None
         num_slots = (num_blocks + 1) * block_size
         self.bytes_per_token = kv_bytes_per_token(cfg, dtype)
         state_dtype = torch.promote_types(dtype, torch.float32)
@@ -297,8 +332,14 @@ class PagedKVCache(KVCache):
         return total
 
     def begin_step(
-        self, starts: list[int], lens: list[int], block_tables: list[list[int]], state_slots: list[Optional[int]]
-    ) -> StepBatch:
-        """Describe the next forward (a `StepBatch`) and make it the current step."""
-        self.step = StepBatch(starts, lens, block_tables, state_slots, self.block_size, self.scratch_block, self.device)
+        self, starts: list[int], lens: list[int], block_tables: list[list[int]], state_slots: list[Optional[int]],
+        packed: bool = False,
+    ) -> Union[StepBatch, PackedStepBatch]:
+        """Describe the next forward (a `StepBatch`, or a `PackedStepBatch` when ``packed``) and make
+        it the current step."""
+        if packed:
+            self.step = PackedStepBatch(starts, lens, block_tables, self.block_size, self.device)
+        else:
+            self.step = StepBatch(starts, lens, block_tables, state_slots, self.block_size, self.scratch_block,
+                                  self.device)
         return self.step

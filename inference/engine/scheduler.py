@@ -20,6 +20,8 @@ al., 2023): requests join and leave between steps. Policy, one step at a time:
    stays RUNNING, skipped by decode steps, and continues in the next prefill step (before new
    admissions); it samples its first token when its last chunk is done. With nothing decoding,
    a prefill step takes up to max_num_batched_tokens, long prompts chunked at that budget.
+   With ``mix_chunks`` (a runner that packs rows of any length into one forward, no padding) the
+   chunk joins the decode step instead (``packed``): one forward, the weights read once.
 
 Prefill and decode steps are never mixed, so a runner may keep a separate fast path for
 decode (one token per sequence, e.g. CUDA graphs). A step is never empty while requests are
@@ -47,6 +49,7 @@ class SchedulerOutput:
     # tokens each seq computes, token_ids[num_computed_tokens : num_computed_tokens + n]; a prefill
     # chunk that stops short of len(seq) samples nothing (see `advance_prefill`)
     num_new_tokens: list[int] = field(default_factory=list)
+    packed: bool = False  # decode rows and prefill chunks in one forward (chunked prefill with mix_chunks)
 
 
 class Scheduler:
@@ -61,6 +64,7 @@ class Scheduler:
         enable_prefix_caching: bool = True,
         num_lookahead_slots: int = 0,
         prefill_chunk_size: int | None = None,
+        mix_chunks: bool = False,
     ) -> None:
         if prefill_chunk_size is not None and prefill_chunk_size < 1:
             raise ValueError(f"prefill_chunk_size must be >= 1 or None, got {prefill_chunk_size}")
@@ -82,6 +86,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_lookahead_slots = num_lookahead_slots
         self.prefill_chunk_size = prefill_chunk_size
+        self.mix_chunks = mix_chunks
         self._last_was_prefill = False  # chunked prefill: prefill and decode steps take turns
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
@@ -182,6 +187,8 @@ class Scheduler:
         """Pick the next step: a prefill batch if any waiting sequence can be admitted (or a chunked
         prefill continues), else decode; with chunked prefill the two take turns."""
         decoding = any(not self.is_prefilling(s) for s in self.running)
+        if self.prefill_chunk_size is not None and self.mix_chunks and decoding:
+            return self._schedule_mixed()
         if self.prefill_chunk_size is not None and self._last_was_prefill and decoding:
             self._last_was_prefill = False
             return self._schedule_decode()
@@ -191,7 +198,15 @@ class Scheduler:
             return prefill
         return self._schedule_decode()
 
-    def _schedule_prefill(self, decoding: bool) -> SchedulerOutput:
+    def _schedule_mixed(self) -> SchedulerOutput:
+        """Every decoding sequence plus up to prefill_chunk_size prompt tokens, in one packed step
+        (no admissions in a step that had to preempt)."""
+        decode = self._schedule_decode()
+        prefill = self._schedule_prefill(decoding=True, admit=not decode.preempted)
+        return SchedulerOutput(decode.seqs + prefill.seqs, True, decode.num_batched_tokens + prefill.num_batched_tokens,
+                               decode.preempted, decode.num_new_tokens + prefill.num_new_tokens, packed=True)
+
+    def _schedule_prefill(self, decoding: bool, admit: bool = True) -> SchedulerOutput:
         bm, chunked = self.block_manager, self.prefill_chunk_size is not None
         budget = self.prefill_chunk_size if chunked and decoding else self.max_num_batched_tokens
         scheduled: list[Sequence] = []
@@ -206,7 +221,7 @@ class Scheduler:
             for seq in self.running:
                 if self.is_prefilling(seq) and sum(num_new_tokens) < budget:
                     take(seq)
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        while admit and self.waiting and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             num_new = len(seq) - bm.num_hit_tokens(seq)
             if chunked and sum(num_new_tokens) >= budget:
