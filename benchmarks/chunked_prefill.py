@@ -3,8 +3,8 @@
 Eight streams decode on config B; after a few steps a 2,000-token prompt arrives. We record the
 eight streams' inter-token latency (ITL) while they decode alone (the baseline) and while the long
 prompt is being prefilled, without chunked prefill (the whole prompt in one step: every stream
-waits for it) and with ``prefill_chunk_size`` chunks taking turns with decode steps. The goal:
-ITL p99 during the prefill <= 2x the median ITL.
+waits for it) and with ``prefill_chunk_size`` chunks, each packed into a decode step (one forward
+for the streams' tokens and the chunk). The goal: ITL p99 during the prefill <= 2x the median ITL.
 """
 from __future__ import annotations
 
