@@ -164,11 +164,11 @@ def main() -> None:
         t_ours, m_ours = time_ours(MMLUTask(TaskSettings(data_dir=mmlu_data, limit=mmlu_limit)), ours)
         t_ref, r_ref = time_lm_eval(ref, lm_eval_mmlu_configs(data, tmp, subjects), mmlu_limit)
         n_mmlu = sum(1 for k in m_ours if k.startswith("acc_subject/"))  # subjects
-        questions = sum(min(mmlu_limit or 10**9, sum(1 for _ in open(data / "mmlu" / "val" / f"{s}_val.csv",
-                                                                         newline="", encoding="utf-8")))
-                        for s in subjects)
-        ref_acc = sum(r_ref[f"local_mmlu_{s}"]["acc,none"] * min(mmlu_limit or 10**9, len(list(csv.reader(open(
-            data / "mmlu" / "val" / f"{s}_val.csv", newline="", encoding="utf-8"))))) for s in subjects) / questions
+        rows = {s: min(mmlu_limit or 10**9, len(list(csv.reader(open(data / "mmlu" / "val" / f"{s}_val.csv",
+                                                                      newline="", encoding="utf-8")))))
+                for s in subjects}  # questions per subject (a CSV row may span several lines)
+        questions = sum(rows.values())
+        ref_acc = sum(r_ref[f"local_mmlu_{s}"]["acc,none"] * rows[s] for s in subjects) / questions
         report["mmlu"] = {"subjects": n_mmlu, "questions": questions, "ours_s": round(t_ours, 2),
                           "lm_eval_s": round(t_ref, 2), "ours_examples_per_s": round(questions / t_ours, 2),
                           "lm_eval_examples_per_s": round(questions / t_ref, 2), "speedup": round(t_ref / t_ours, 2),
