@@ -92,10 +92,10 @@ def test_a_group_shares_its_prompt_prefill(env: RLEnv, tmp_path: Path) -> None:
     computed = []
     forward = gen.engine.runner.forward
 
-    def counting(rows, logits="last"):
+    def counting(rows, logits="last", **kwargs):
         if any(len(r.token_ids) > 1 for r in rows):  # a prefill step
             computed.append(sum(len(r.token_ids) for r in rows))
-        return forward(rows, logits)
+        return forward(rows, logits, **kwargs)
 
     gen.engine.runner.forward = counting
     chosen = prompts[:3]
