@@ -81,16 +81,21 @@ def _tokenizer_token_ids(ckpt_dir: Path) -> dict[str, int]:
     return ids
 
 
+def _model_config(fields: dict, ckpt_dir: Path) -> ModelConfig:
+    """The checkpoint's `ModelConfig`; a field it rejects is a user error naming the file."""
+    try:
+        return ModelConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise UserError(f"{ckpt_dir}/config.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
 def checkpoint_to_hf(ckpt_dir: Path, out: Path) -> ModelConfig:
     """Export a checkpoint directory as a Hugging Face directory at ``out``."""
     ckpt = load_checkpoint(ckpt_dir)
     if "model_type" in ckpt.model_config:
         raise UserError(f"--checkpoint {ckpt_dir} is a Hugging Face directory; import it with --hf_dir")
-    try:
-        cfg = ModelConfig(**ckpt.model_config)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise UserError(f"{ckpt_dir}/config.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    cfg = _model_config(ckpt.model_config, ckpt_dir)
     if ckpt.task not in (CAUSAL_LM, REWARD_MODEL):
         raise UserError(f"{ckpt_dir}/config.json: unknown task {ckpt.task!r} (allowed: {CAUSAL_LM}, {REWARD_MODEL})")
     token_ids = ckpt.meta.get("hf_token_ids") or _tokenizer_token_ids(ckpt.path)
@@ -140,11 +145,7 @@ def checkpoint_to_gguf(src: Path, out: Path, outtype: str) -> ModelConfig:
         ckpt = load_checkpoint(src)
         if ckpt.task != CAUSAL_LM:
             raise UserError(f"--checkpoint {src} is a {ckpt.task}: only causal language models export to GGUF")
-        try:
-            cfg = ModelConfig(**ckpt.model_config)
-        except ValidationError as e:
-            err = e.errors()[0]
-            raise UserError(f"{src}/config.json: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        cfg = _model_config(ckpt.model_config, src)
         state_dict = ckpt.state_dict
         token_ids = ckpt.meta.get("hf_token_ids") or _tokenizer_token_ids(src)
     try:
