@@ -32,25 +32,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Callable
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model import build_model, flops_per_token, get_preset
-from model.config import ModelConfig
-from model.hf import save_hf_dir
-from trainer.compile import compile_blocks
-from trainer.metrics import mfu, peak_flops
-from trainer.optim import build_optimizer
-from utils.config import TrainingConfig
-from utils.device import autocast_context, pick_device, pick_dtype
-from utils.errors import UserError, cli_main
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.hf_twin import hf_twin  # noqa: E402
+from model import build_model, flops_per_token, get_preset  # noqa: E402
+from trainer.compile import compile_blocks  # noqa: E402
+from trainer.metrics import mfu, peak_flops  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from utils.config import TrainingConfig  # noqa: E402
+from utils.device import autocast_context, pick_device, pick_dtype  # noqa: E402
+from utils.errors import UserError, cli_main  # noqa: E402
 
 CONFIGS = {"A": ("bench-A", 256, 8), "B": ("bench-B", 512, 4), "D": ("bench-D", 256, 8)}  # preset, seq_len, batch
 
@@ -60,20 +62,6 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def hf_twin(cfg: ModelConfig, ours: nn.Module, device: torch.device, experts: str = "grouped_mm") -> nn.Module:
-    """The transformers model of ``cfg``'s family (sdpa attention; MoE experts run by
-    ``experts``: "grouped_mm" or "eager") holding exactly our weights: exported with
-    `model.hf.save_hf_dir` and loaded by ``from_pretrained`` (which fuses the experts)."""
-    import transformers
-
-    kwargs = {"experts_implementation": experts} if cfg.moe is not None else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf_dir(cfg, ours.state_dict(), tmp)
-        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa",
-                                                                dtype=torch.float32, **kwargs)
-    return ref.to(device).train()
 
 
 def make_step(model: nn.Module, forward: Callable, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor):
