@@ -1,15 +1,18 @@
 """Decode speed and KV memory of our inference engine, side by side with `transformers` `generate`.
 
 Both run the same weights: a random Hugging Face Llama (sdpa attention) saved with
-``save_pretrained`` and loaded by our engine through `model/hf.py`; same prompt, same threads,
-greedy decoding, no eos stop. Measured:
+``save_pretrained`` and loaded by our engine through `model/hf.py` (config D: our random
+DeepSeek-V3 exported with `model.hf.save_hf_dir` and loaded by transformers as
+``DeepseekV3ForCausalLM``, `benchmarks/hf_twin.py`); same prompt, same threads, greedy decoding,
+no eos stop. Measured:
 
 - single-stream decode tokens/s, ours vs ``generate`` (timings interleaved, medians; decode time
   = time for N new tokens minus time for 1, so prefill is left out), and whether the greedy
-  tokens agree;
+  tokens agree (and for how many leading tokens);
 - weight bytes read per second at batch 1 against a memory bandwidth measured in the same run
-  (sum of a large fp32 tensor): decoding one token reads every weight once (the embedding table
-  only one row), so batch-1 decoding of a model larger than the caches is bound by it; and
+  (sum of a large fp32 tensor): decoding one token reads every active weight once (the embedding
+  table only one row; of a MoE layer the router, the shared and top-k routed experts), so batch-1
+  decoding of a model larger than the caches is bound by it; and
   against the bare matrix-vector products of one token (the same weights and kernels, nothing
   else, timed in the same rounds): the floor of a decode step, so that each engine's per-token
   overhead above it is reported too;
@@ -19,7 +22,15 @@ greedy decoding, no eos stop. Measured:
   contiguous cache preallocating max_model_len for each of max_num_seqs sequences;
 - MLA (DeepSeek-V2, Liu et al. 2024) latent cache bytes per token vs the equivalent MHA cache.
 
+Config D (``--configs D``, not in the default run) is the `bench-D` preset: DeepSeek-V3
+(Liu et al. 2024) with MLA (kv_lora_rank 64, q_lora_rank 128, rope/nope/v head dims 16/32/32),
+8 routed experts top-2 + 1 shared, the first layer dense. Our engine decodes it over the paged
+latent cache with the absorbed MLA path (queries folded into latent space, `model/mla.py`);
+its report says which path each decode step's attention took (``mla_attention_calls``) and the
+cache bytes per token it holds beside those of the equivalent MHA cache (``latent_cache``).
+
     python benchmarks/decode_speed.py                 # configs A and B
+    python benchmarks/decode_speed.py --configs D     # DeepSeek-V3 (MLA + MoE) vs DeepseekV3ForCausalLM
     python benchmarks/decode_speed.py --quick         # a quick smoke run (fewer tokens / rounds)
     python benchmarks/decode_speed.py --llamacpp --threads 2   # vs llama.cpp instead (requirements-bench.txt)
     python benchmarks/decode_speed.py --chunked_prefill 16 64 --threads 2   # a long prompt vs 8 decoding streams
@@ -49,13 +60,18 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from benchmarks.hf_twin import load_hf_twin, mla_moe_shape, save_twin_dir  # noqa: E402
+from benchmarks.mla_decode import count_mla_attention, latent_cache_report, mla_cache_bytes  # noqa: E402
 from inference.engine.llm_engine import LLMEngine  # noqa: E402
-from inference.engine.paged_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
 from inference.engine.sampling import SamplingParams  # noqa: E402
-from model import count_params, get_preset  # noqa: E402
+from model import build_model, count_params, get_preset  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
+from model.moe import MoE  # noqa: E402
+from utils.errors import UserError, cli_main  # noqa: E402
 
 # name: (vocab, dim, layers, heads, kv heads, ffn hidden)
 CONFIGS = {"A": (4096, 256, 4, 8, 4, 688), "B": (8192, 512, 8, 8, 8, 1376)}
+PRESETS = {"D": "bench-D"}  # configs built from our presets (DeepSeek-V3: MLA + MoE)
 MAX_LEN = 512
 PROMPT_LEN = 32
 BANDWIDTH_MB = 512
@@ -75,6 +91,28 @@ def save_hf_llama(name: str, directory: Path, max_len: int = MAX_LEN):
     hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     hf.save_pretrained(directory)
     return hf
+
+
+def preset_config(name: str, max_len: int = MAX_LEN) -> ModelConfig:
+    return get_preset(PRESETS[name], max_seq_len=max_len)
+
+
+def save_hf_model(name: str, directory: Path, max_len: int = MAX_LEN):
+    """The transformers model of config ``name`` saved to ``directory`` (returned, eval mode). A
+    Llama config is a random transformers Llama; a preset config is our random model exported."""
+    if name in CONFIGS:
+        return save_hf_llama(name, directory, max_len)
+    cfg = preset_config(name, max_len)
+    torch.manual_seed(0)
+    save_twin_dir(cfg, build_model(cfg), directory)
+    return load_hf_twin(cfg, directory)
+
+
+def config_shape(name: str) -> dict:
+    if name in CONFIGS:
+        return dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn"), CONFIGS[name]))
+    cfg = preset_config(name)
+    return {"preset": PRESETS[name], **mla_moe_shape(cfg), "params": count_params(cfg)}
 
 
 def greedy(n: int) -> SamplingParams:
@@ -128,6 +166,12 @@ def gemv_pass(model: torch.nn.Module) -> Callable[[], None]:
                  if isinstance(m, torch.nn.Linear)]
     if model.lm_head is None:
         products.append((model.embed.weight.shape[1], lambda x: F.linear(x, model.embed.weight)))
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):  # the router and k routed experts
+        products.append((moe.gate.weight.shape[1], lambda x, w=moe.gate.weight: F.linear(x, w)))
+        experts = moe.experts
+        for e in range(moe.moe.num_experts_per_tok):
+            mats = ([experts.gate_proj[e]] if experts.is_glu else []) + [experts.up_proj[e], experts.down_proj[e]]
+            products += [(w.shape[1], lambda x, w=w: F.linear(x, w)) for w in mats]
     inputs = [torch.randn(1, k) for k, _ in products]
 
     def run() -> None:
@@ -139,9 +183,10 @@ def gemv_pass(model: torch.nn.Module) -> Callable[[], None]:
 
 
 def weight_bytes_per_token(engine: LLMEngine) -> int:
-    """Bytes of weights one decode step reads: every parameter once, of the input embedding one row."""
+    """Bytes of weights one decode step reads: every active parameter once (of a MoE layer's routed
+    experts the top-k), of the input embedding one row."""
     cfg = engine.config
-    n = count_params(cfg)["total"]
+    n = count_params(cfg)["active"]
     if not cfg.tie_embeddings:  # the untied input table is only looked up
         n -= cfg.vocab_size * cfg.dim - cfg.dim
     return n * engine.dtype.itemsize
@@ -160,11 +205,16 @@ def latency_stats(times: list[list[float]]) -> dict:
             "itl_ms_p50": ms(percentile(itl, 50)), "itl_ms_p99": ms(percentile(itl, 99))}
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) -> dict:
-    hf = save_hf_llama(name, tmp / name)
+    hf = save_hf_model(name, tmp / name)
     engine = LLMEngine(tmp / name, device="cpu", dtype="fp32", max_num_seqs=16)
     rng = random.Random(0)
-    vocab = CONFIGS[name][0]
+    vocab = engine.config.vocab_size
     prompt = [rng.randrange(vocab) for _ in range(PROMPT_LEN)]
     run_ours(engine, [prompt], 4)  # warm-up
     run_hf(hf, prompt, 4)
@@ -188,9 +238,10 @@ def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) ->
     gemv_tps = (n - 1) / statistics.median(t_gemv)
     weight_bytes = weight_bytes_per_token(engine)
     result = {
-        "shape": dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn"), CONFIGS[name])),
+        "shape": config_shape(name),
         "prompt_tokens": PROMPT_LEN, "new_tokens": n,
         "greedy_tokens_match_hf": ours_tokens[0] == hf_tokens,
+        "greedy_tokens_agreeing_prefix": common_prefix(ours_tokens[0], hf_tokens),
         "single_stream": {
             "ours_tokens_per_s": round(ours_tps, 1),
             "hf_generate_tokens_per_s": round(hf_tps, 1),
@@ -223,6 +274,13 @@ def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) ->
         "aggregate_speedup_16_vs_1": round((16 * n / total16) / (n / total1), 2),
         **latency_stats(times16),
     }
+    if engine.config.attention_type == "mla":
+        result["hf_experts_implementation"] = getattr(hf.config, "_experts_implementation", None)
+        engine.reset_prefix_cache()  # the prompt is prefilled again, not found in the cache
+        with count_mla_attention(engine.model) as calls:  # per layer: one for the prefill, one per decode step
+            run_ours(engine, [prompt], 8)
+        result["mla_attention_calls"] = {**calls, "mla_layers": engine.config.n_layers, "decode_steps": 8 - 1}
+        result["latent_cache"] = latent_cache_report(engine.config, engine.dtype, engine.cache.bytes_per_token)
     return result
 
 
@@ -254,27 +312,6 @@ def kv_memory_workload(tmp: Path, quick: bool) -> dict:
     }
 
 
-def mla_cache_bytes() -> dict:
-    """Latent cache bytes per token and layer vs the MHA cache of the same heads (K and V per head)."""
-    out = {}
-    shapes = {
-        "tiny-deepseek_v3": get_preset("tiny-deepseek_v3"),
-        "deepseek_v3_shape": get_preset("tiny-deepseek_v3", dim=7168, n_heads=128, q_lora_rank=1536,
-                                        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
-    }
-    for name, cfg in shapes.items():
-        per_layer = kv_bytes_per_token(cfg, torch.bfloat16) // cfg.n_layers
-        mha = cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 2
-        out[name] = {"mla_bytes_per_token_layer_bf16": per_layer, "mha_bytes_per_token_layer_bf16": mha,
-                     "mha_over_mla": round(mha / per_layer, 1)}
-    cfg = shapes["tiny-deepseek_v3"]
-    pool = PagedKVCache(cfg, num_blocks=4, block_size=16, max_num_seqs=1, device=torch.device("cpu"),
-                        dtype=torch.bfloat16)
-    measured = pool.allocated_bytes // ((4 + 1) * 16) // cfg.n_layers  # +1: the scratch block
-    out["tiny-deepseek_v3"]["measured_pool_bytes_per_token_layer"] = measured
-    return out
-
-
 def llamacpp_report(args: argparse.Namespace) -> dict:
     """Ours vs llama.cpp on configs A and B (16 concurrent streams on B), see the module docstring."""
     import llama_cpp
@@ -294,7 +331,8 @@ def llamacpp_report(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="decode tokens/s of our engine vs transformers generate")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *PRESETS],
+                        help="A, B (Llama; the default) and D (DeepSeek-V3, MLA + MoE)")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -310,6 +348,8 @@ def main() -> None:
     import transformers
 
     if args.llamacpp:
+        if bad := [c for c in args.configs if c not in CONFIGS]:
+            raise UserError(f"--llamacpp covers the Llama configs {', '.join(CONFIGS)} only, not {', '.join(bad)}")
         print(json.dumps(llamacpp_report(args), indent=2))
         return
     if args.chunked_prefill is not None:
@@ -336,4 +376,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli_main(main)
