@@ -1,20 +1,29 @@
-"""Training-step speed of our Llama-style model vs `transformers.LlamaForCausalLM`, side by side.
+"""Training-step speed of our models vs `transformers` (``LlamaForCausalLM``, ``DeepseekV3ForCausalLM``), side by side.
 
-Both models hold the same weights (a random Hugging Face Llama imported through
-`model/hf.py`), see the same batch, run on the same threads and time the same step:
+Both models hold the same weights (A, B: a random Hugging Face Llama imported through
+`model/hf.py`; D: our random DeepSeek-V3 exported through it, `benchmarks/hf_twin.py`), see the
+same batch, run on the same threads and time the same step:
 forward, cross-entropy on the logits, backward. Measurements are interleaved (one step of
 each model in turn, repeated) so background load hits all of them alike; medians are
 reported, and the speedup is the median over rounds of t_hf / t_ours (> 1: ours is faster).
 ``torch.compile`` of our model is timed too (skipped with a warning where it fails). Each
 model's ``mfu`` uses `model.flops_per_token` (6 N + attention) over the trainer's one peak
 definition (`trainer.metrics.peak_flops`; on a CPU, a measured fp32 matmul), named in
-``mfu_peak_source``.
+``mfu_peak_source``; for a MoE, N is the active parameters (of each MoE layer the router, the
+shared and the top-k routed experts), reported in ``params``.
+
+Config D (``--configs D``, not in the default run) is the `bench-D` preset: DeepSeek-V3
+(Liu et al. 2024) with MLA (kv_lora_rank 64, q_lora_rank 128, rope/nope/v head dims 16/32/32),
+8 routed experts top-2 + 1 shared (expert ffn 128), the first layer dense (ffn 688); seq 256,
+batch 8. transformers runs its experts with ``grouped_mm`` (its default), named in
+``hf_experts_implementation``.
 
 ``--mamba2`` adds a Mamba-2 model (`model.mamba2`, eager) of the Llama's width and vocabulary
 whose layer count brings its parameters closest to the Llama's, timed in the same rounds on the
 same batch: ``mamba2`` (its tokens/s) and ``speedup_mamba2_vs_ours`` (> 1: faster than our Llama).
 
     python benchmarks/model_speed.py                 # configs A and B, eager + compiled
+    python benchmarks/model_speed.py --configs D     # DeepSeek-V3 (MLA + MoE) vs DeepseekV3ForCausalLM
     python benchmarks/model_speed.py --configs A --compile off --iters 3
     python benchmarks/model_speed.py --mamba2 --compile off
 
@@ -38,7 +47,8 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from model import ModelConfig, build_model, count_params, flops_per_token  # noqa: E402
+from benchmarks.hf_twin import hf_twin, mla_moe_shape  # noqa: E402
+from model import ModelConfig, build_model, count_params, flops_per_token, get_preset  # noqa: E402
 from model.hf import load_hf_dir  # noqa: E402
 from trainer.metrics import mfu, peak_flops  # noqa: E402
 
@@ -47,12 +57,23 @@ CONFIGS = {
     "A": (4096, 256, 4, 8, 4, 688, 256, 8),
     "B": (8192, 512, 8, 8, 8, 1376, 512, 4),
 }
+PRESETS = {"D": ("bench-D", 256, 8)}  # name: (our preset, seq len, batch); DeepSeek-V3, MLA + MoE
+
+
+def seq_len_and_batch(name: str) -> tuple[int, int]:
+    return CONFIGS[name][-2:] if name in CONFIGS else PRESETS[name][1:]
 
 
 def hf_and_ours(name: str, tmp: Path):
-    """A random transformers Llama (sdpa attention) and our model with the same weights."""
+    """A random transformers model (sdpa attention) and our model with the same weights: a
+    Llama config starts from transformers' init, a preset config from ours (exported)."""
     import transformers
 
+    if name in PRESETS:
+        cfg = get_preset(PRESETS[name][0])
+        torch.manual_seed(0)
+        ours = build_model(cfg)
+        return hf_twin(cfg, ours, torch.device("cpu")), ours.train(), cfg
     vocab, dim, layers, heads, kv_heads, ffn, seq_len, _ = CONFIGS[name]
     hf_cfg = transformers.LlamaConfig(
         vocab_size=vocab, hidden_size=dim, num_hidden_layers=layers, num_attention_heads=heads,
@@ -102,12 +123,23 @@ def measure(steps: dict[str, Callable[[], None]], warmup: int, iters: int) -> di
     return times
 
 
+def config_shape(name: str, cfg: ModelConfig) -> dict:
+    if name in CONFIGS:
+        return dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "seq_len", "batch"), CONFIGS[name]))
+    seq_len, batch = seq_len_and_batch(name)
+    return {"preset": PRESETS[name][0], **mla_moe_shape(cfg), "seq_len": seq_len, "batch": batch}
+
+
 def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: int, mamba2: bool = False) -> dict:
     hf, ours, cfg = hf_and_ours(name, tmp)
-    vocab, *_, seq_len, batch = CONFIGS[name]
+    vocab = cfg.vocab_size
+    seq_len, batch = seq_len_and_batch(name)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, vocab, (batch, seq_len), generator=g)
     targets = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    with torch.no_grad():  # the same weights: the same logits (up to float summation order)
+        probe = tokens[:2]
+        logits_diff = (ours(probe) - hf(probe).logits).abs().max().item()
     steps: dict[str, Callable[[], None]] = {}
     if compile_mode in ("off", "both") or mamba2:
         steps["ours"] = lambda: train_step(ours, tokens, targets, hf=False)
@@ -133,10 +165,11 @@ def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: in
     tokens_per_step = batch * seq_len
     fpt = flops_per_token(cfg, seq_len)
     peak, _ = peak_flops(torch.device("cpu"), torch.float32)
-    result: dict = {
-        "shape": dict(zip(("vocab", "dim", "layers", "heads", "kv_heads", "ffn", "seq_len", "batch"), CONFIGS[name])),
-        "flops_per_token": fpt,
-    }
+    result: dict = {"shape": config_shape(name, cfg), "flops_per_token": fpt,
+                    "initial_logits_max_abs_diff": logits_diff}
+    if cfg.moe is not None:
+        result["params"] = count_params(cfg)  # MFU counts the active ones
+        result["hf_experts_implementation"] = getattr(hf.config, "_experts_implementation", None)
     for key, ts in times.items():
         tps = tokens_per_step / statistics.median(ts)
         key_fpt = flops_per_token(mamba_cfg, seq_len) if key == "mamba2" else fpt
@@ -167,8 +200,9 @@ def bench_config(name: str, tmp: Path, compile_mode: str, warmup: int, iters: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="forward+backward tokens/s: ours vs transformers Llama")
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser = argparse.ArgumentParser(description="forward+backward tokens/s: ours vs transformers (Llama, DeepSeek-V3)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=[*CONFIGS, *PRESETS],
+                        help="A, B (Llama; the default) and D (DeepSeek-V3, MLA + MoE)")
     parser.add_argument("--compile", choices=("off", "on", "both"), default="both",
                         help="time our model eager (off), compiled (on) or both")
     parser.add_argument("--warmup", type=int, default=2)
