@@ -168,6 +168,59 @@ def test_linear_context_extension_exports(tmp_path: Path) -> None:
                     ours.state_dict(), tmp_path / "dyn")
 
 
+@pytest.mark.slow
+def test_deepseek_v3_compiled_logits_match_transformers(tmp_path: Path) -> None:
+    """Compiled (inductor) DeepSeek-V3 gives transformers' logits: the whole forward under
+    ``torch.compile`` (main stack and the MTP module; the routed-expert dispatch stays eager) and
+    the blocks as ``training.compile`` compiles them (train mode, with grad). The aux-loss-free
+    routing bias is moved off zero and does change the logits; transformers has no MTP, so the
+    compiled MTP logits are held to our eager ones."""
+    from torch._dynamo.utils import counters
+
+    from trainer.compile import compile_blocks, uncompile_blocks
+
+    ref = _hf_model("deepseek_v3", tmp_path / "hf")
+    cfg, sd = load_hf_dir(tmp_path / "hf")
+    cfg = cfg.model_copy(update={"mtp_depth": 1})
+    torch.manual_seed(3)
+    ours = build_model(cfg)
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert not unexpected and missing and all(k.startswith("mtp.") for k in missing)
+    ours.eval()
+    tokens = torch.randint(0, VOCAB, (3, SEQ_LEN), generator=torch.Generator().manual_seed(2))
+    theirs = _logits(ref, tokens)
+
+    def forward(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B, T, V), (B, T - 1, V)
+        hidden = ours.forward_hidden(t)  # (B, T, D)
+        return ours.head(ours.norm(hidden)), ours.mtp_logits(hidden, t)[0]
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager, eager_mtp = forward(tokens)
+        compiled, compiled_mtp = torch.compile(forward)(tokens)
+        biases = [b for n, b in ours.named_buffers() if n.endswith("e_score_correction_bias")]
+        saved = [b.clone() for b in biases]
+        for b in biases:
+            b.zero_()
+        unbiased = _logits(ours, tokens)
+        for b, v in zip(biases, saved):
+            b.copy_(v)
+    _close(eager, theirs)
+    _close(compiled, theirs)
+    assert (unbiased - theirs).abs().max() > 100 * ATOL  # the routing bias is exercised
+    assert (compiled_mtp - eager_mtp).abs().max() <= ATOL
+
+    graphs = counters["stats"]["unique_graphs"]
+    blocks = compile_blocks(ours)
+    ours.train()  # dropout 0: the training forward is the eval one; the blocks run compiled with grad on
+    try:
+        trained = ours(tokens).detach()
+    finally:
+        uncompile_blocks(blocks)
+    assert counters["stats"]["unique_graphs"] > graphs  # really compiled
+    _close(trained, theirs)
+
+
 def test_deepseek_mtp_weights_round_trip(tmp_path: Path) -> None:
     """MTP modules go out as DeepSeek's extra layer (with embed/head copies) and come back."""
     _hf_model("deepseek_v3", tmp_path / "hf")
