@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="weight-only int8 on the CPU (torch's packed kernel; about 1/4 of the fp32 weight bytes)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile: one graph per batch-size / context bucket, built "
+                        "on first use in seconds to a minute, then replayed; eager with a warning where it fails)")
     p.add_argument("--kv_cache_memory_mb", type=float, default=None,
                    help="KV cache size; it bounds how long a conversation can grow (default: from free memory)")
     return p.parse_args(argv)
@@ -225,8 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     build_params(args, args.max_new_tokens, [])  # bad flags fail before the model loads
     from inference.engine.llm_engine import LLMEngine
 
+    if args.compile:
+        from inference.engine.compiled_decode import show_compile_progress
+
+        show_compile_progress()
     engine = LLMEngine(args.checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype, max_num_seqs=1,
-                       kv_cache_memory_mb=args.kv_cache_memory_mb, quantize=args.quantize)
+                       kv_cache_memory_mb=args.kv_cache_memory_mb, quantize=args.quantize, compile=args.compile)
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         one_shot(args, engine, system)

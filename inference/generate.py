@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="weight-only int8 on the CPU (torch's packed kernel; about 1/4 of the fp32 weight bytes)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile: one graph per batch-size / context bucket, built "
+                        "on first use in seconds to a minute, then replayed; eager with a warning where it fails)")
     return p.parse_args(argv)
 
 
@@ -76,9 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     build_params(args, args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, [])  # bad flags fail before the model loads
     from inference.engine.llm_engine import LLMEngine, encode_text
 
+    if args.compile:
+        from inference.engine.compiled_decode import show_compile_progress
+
+        show_compile_progress()
     engine = LLMEngine(args.checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype, max_num_seqs=1,
                        draft_checkpoint=args.draft, num_speculative_tokens=args.num_speculative_tokens,
-                       quantize=args.quantize)
+                       quantize=args.quantize, compile=args.compile)
     if engine.tokenizer is None:
         raise UserError(f"{args.checkpoint} has no tokenizer.json to encode the prompt with")
     if args.chat:  # the model's chat template; the turn ends at its eos ids (+ ChatML's <|im_end|>)

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--quantize", default=None, choices=["int8"],
                    help="weight-only int8 on the CPU (torch's packed kernel; about 1/4 of the fp32 weight bytes)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step (torch.compile: one graph per batch-size / context bucket, built "
+                        "on first use in seconds to a minute, then replayed; eager with a warning where it fails)")
     p.add_argument("--max_num_seqs", type=int, default=32, help="sequences decoded together at most")
     p.add_argument("--max_num_batched_tokens", type=int, default=2048, help="tokens per engine step at most")
     p.add_argument("--prefill_chunk_size", type=int, default=None,
@@ -79,9 +82,13 @@ def main(argv: list[str] | None = None) -> None:
 
     checkpoint = Path(args.checkpoint)
     model_name = args.model_name or checkpoint.resolve().name
+    if args.compile:
+        from inference.engine.compiled_decode import show_compile_progress
+
+        show_compile_progress()
     engine = LLMEngine(checkpoint, adapter=args.adapter, device=args.device, dtype=args.dtype,
                        kv_cache_memory_mb=args.kv_cache_memory_mb, max_num_seqs=args.max_num_seqs,
-                       max_num_batched_tokens=args.max_num_batched_tokens, quantize=args.quantize,
+                       max_num_batched_tokens=args.max_num_batched_tokens, quantize=args.quantize, compile=args.compile,
                        prefill_chunk_size=args.prefill_chunk_size)
     app = create_app(engine, model_name, api_key=args.api_key)
     print(f"serving {model_name!r} on http://{args.host}:{args.port}  (chat page at /, API at /v1)", flush=True)

@@ -135,6 +135,8 @@ class PagedStateCache(Protocol):
 class KVCache:
     """The whole model's cache: one layer cache per block, and the tokens consumed so far."""
 
+    paged = False  # a paged cache (the inference engine's) places tokens by explicit positions: no length
+
     def __init__(self, layers: Sequence[Any]) -> None:
         self.layers = list(layers)
         self.length = 0  # next default position; advanced by `Transformer.forward`

@@ -165,7 +165,7 @@ class Transformer(nn.Module):
         tables = self.rope_tables(positions, h.dtype)
         for i, layer in enumerate(self.layers):
             h = layer(h, tables[layer.layer_type], positions, None if cache is None else cache[i], doc_ids)
-        if cache is not None:
+        if cache is not None and not cache.paged:
             end = int(positions[0, -1]) + 1 if explicit else cache.length + tokens.shape[1]
             cache.length = max(cache.length, end)
         return h

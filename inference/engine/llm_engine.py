@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from tokenizers import Tokenizer
 
+from inference.engine.compiled_decode import CompiledDecode
 from inference.engine.loading import LoadedModel, load_model
 from inference.engine.model_runner import ModelRunner, Row
 from inference.engine.optimize import check_quantize, optimize_for_inference
@@ -113,11 +114,12 @@ class LLMEngine:
         num_speculative_tokens: int = 4,
         quantize: Optional[str] = None,
         optimize: bool = True,
+        compile: bool = False,
     ) -> None:
         if isinstance(checkpoint, LoadedModel):
-            if adapter is not None or quantize is not None:
-                raise ValueError("an in-memory model takes no adapter directory and no quantization: its weights "
-                                 "are shared as they are")
+            if adapter is not None or quantize is not None or compile:
+                raise ValueError("an in-memory model takes no adapter directory, no quantization and no compile "
+                                 "(frozen weights): its weights are shared as they are")
             loaded = checkpoint
             param = next(loaded.model.parameters())
             self.device, self.dtype = param.device, param.dtype
@@ -169,13 +171,24 @@ class LLMEngine:
                                    max_num_batched_tokens, enable_prefix_caching, lookahead, prefill_chunk_size,
                                    mix_chunks=packable)
         self.cache = PagedKVCache(self.config, num_blocks, block_size, max_num_seqs, self.device, self.dtype)
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, self._compiled(self.model, self.cache, compile))
         self.speculative: Optional[SpeculativeDecoder] = None
         if draft is not None:
             draft_cache = PagedKVCache(draft.config, num_blocks, block_size, max_num_seqs, self.device, self.dtype)
-            self.speculative = SpeculativeDecoder(ModelRunner(draft.model, draft_cache), num_speculative_tokens)
+            draft_runner = ModelRunner(draft.model, draft_cache, self._compiled(draft.model, draft_cache, compile))
+            self.speculative = SpeculativeDecoder(draft_runner, num_speculative_tokens)
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+
+    def _compiled(self, model: torch.nn.Module, cache: PagedKVCache, compile: bool) -> Optional[CompiledDecode]:
+        """The compiled decode step of ``model`` when ``compile`` is on and it applies (else a warning)."""
+        if not compile:
+            return None
+        why = CompiledDecode.applies_to(model, cache)
+        if why is not None:
+            log.warning("compiled decoding is off (running eager): %s", why)
+            return None
+        return CompiledDecode(model, cache, self.max_model_len + self.scheduler.num_lookahead_slots)
 
     def _num_blocks(self, memory_mb: Optional[float], block_size: int, max_num_seqs: int, lookahead: int,
                     draft_config: Optional[ModelConfig]) -> int:

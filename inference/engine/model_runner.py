@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from inference.engine.compiled_decode import CompiledDecode
 from inference.engine.paged_cache import PagedKVCache
 from model.transformer import Transformer
 
@@ -32,12 +33,14 @@ class Row:
 
 
 class ModelRunner:
-    """A model and its paged cache; `forward` runs one batch of rows."""
+    """A model and its paged cache; `forward` runs one batch of rows. With ``compiled`` (a
+    `CompiledDecode`), decode steps it supports run its compiled graph instead of the eager model."""
 
-    def __init__(self, model: Transformer, cache: PagedKVCache) -> None:
+    def __init__(self, model: Transformer, cache: PagedKVCache, compiled: Optional["CompiledDecode"] = None) -> None:
         self.model = model
         self.cache = cache
         self.device = cache.device
+        self.compiled = compiled
 
     @torch.inference_mode()
     def forward(self, rows: list[Row], logits: str = "last", packed: bool = False) -> Optional[torch.Tensor]:
@@ -47,6 +50,10 @@ class ModelRunner:
         new token (padding rows included, T the longest row); "none" -> None (cache only).
         ``packed``: the rows side by side in one row, no padding (`PackedStepBatch`; "last" only).
         """
+        if self.compiled is not None and logits == "last" and not packed and self.compiled.supports(rows):
+            out = self.compiled(rows)  # (B, V); None if compilation failed (then it stays off)
+            if out is not None:
+                return out
         lens = [len(r.token_ids) for r in rows]
         if packed:
             tokens = torch.tensor([[t for r in rows for t in r.token_ids]], device=self.device)  # (1, N)

@@ -291,6 +291,8 @@ class PagedKVCache(KVCache):
     ``begin_step`` sets the current `StepBatch` before each forward.
     """
 
+    paged = True
+
     def __init__(
         self,
         cfg: ModelConfig,
