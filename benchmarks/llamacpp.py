@@ -103,8 +103,9 @@ def _tps(n: int, t_full: list[float], t_one: list[float]) -> float:
 
 
 def compare(name: str, hf_dir: Path, tmp: Path, n: int, rounds: int, threads: int, streams: int) -> dict:
-    """Our engine (fp32 with the load-time rewrites = now; fp32 without = before; int8) vs llama.cpp (f32, q8_0) on the
-    same weights, prompt, threads and token count, timed in interleaved rounds; ratios ours / theirs."""
+    """Our engine (fp32 with the load-time rewrites = now; fp32 without = before; int8; fp32 and int8 with the
+    compiled decode step) vs llama.cpp (f32, q8_0) on the same weights, prompt, threads and token count, timed in
+    interleaved rounds after a warm-up (which compiles the compiled engines' buckets); ratios ours / theirs."""
     from benchmarks.decode_speed import CONFIGS, PROMPT_LEN, run_ours
     from inference.engine.llm_engine import LLMEngine
 
@@ -116,6 +117,9 @@ def compare(name: str, hf_dir: Path, tmp: Path, n: int, rounds: int, threads: in
         "fp32": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams),
         "fp32_before": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams, optimize=False),
         "int8": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams, quantize="int8"),
+        "fp32_compiled": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams, compile=True),
+        "int8_compiled": LLMEngine(hf_dir, device="cpu", dtype="fp32", max_num_seqs=streams, quantize="int8",
+                                   compile=True),
     }
     theirs = {t: LlamaCpp(export_gguf(hf_dir, tmp / f"{name}-{t}.gguf", t), threads, streams, max_len)
               for t in ("f32", "q8_0")}
@@ -140,12 +144,18 @@ def compare(name: str, hf_dir: Path, tmp: Path, n: int, rounds: int, threads: in
             "ours_fp32_vs_llamacpp_f32": round(tps["ours_fp32"] / tps["llamacpp_f32"], 3),
             "ours_fp32_before_vs_llamacpp_f32": round(tps["ours_fp32_before"] / tps["llamacpp_f32"], 3),
             "ours_int8_vs_llamacpp_q8_0": round(tps["ours_int8"] / tps["llamacpp_q8_0"], 3),
+            "ours_fp32_compiled_vs_llamacpp_f32": round(tps["ours_fp32_compiled"] / tps["llamacpp_f32"], 3),
+            "ours_int8_compiled_vs_llamacpp_q8_0": round(tps["ours_int8_compiled"] / tps["llamacpp_q8_0"], 3),
         },
+        "greedy_tokens_compiled_match_eager": run_ours(ours["fp32_compiled"], one, n)[0][0] == ours_tokens,
+        "compile_off": {k: e.runner.compiled.disabled for k, e in ours.items()
+                        if e.runner.compiled is not None and e.runner.compiled.disabled},
     }
     if streams > 1:
-        agg = {"ours_fp32": [], "ours_fp32_before": [], "llamacpp_f32": []}
+        agg = {"ours_fp32": [], "ours_fp32_before": [], "ours_fp32_compiled": [], "llamacpp_f32": []}
+        run_ours(ours["fp32_compiled"], prompts, 4)  # compiles the batch bucket of all the streams
         for _ in range(rounds):
-            for key in ("ours_fp32", "ours_fp32_before"):
+            for key in ("ours_fp32", "ours_fp32_before", "ours_fp32_compiled"):
                 agg[key].append(streams * n / run_ours(ours[key.removeprefix("ours_")], prompts, n)[2])
             agg["llamacpp_f32"].append(streams * n / theirs["f32"].generate(prompts, n)[1])
         med = {k: statistics.median(v) for k, v in agg.items()}
@@ -153,6 +163,7 @@ def compare(name: str, hf_dir: Path, tmp: Path, n: int, rounds: int, threads: in
         result[f"ratios_{streams}_streams"] = {
             "ours_fp32_vs_llamacpp_f32": round(med["ours_fp32"] / med["llamacpp_f32"], 3),
             "ours_fp32_before_vs_llamacpp_f32": round(med["ours_fp32_before"] / med["llamacpp_f32"], 3),
+            "ours_fp32_compiled_vs_llamacpp_f32": round(med["ours_fp32_compiled"] / med["llamacpp_f32"], 3),
         }
     for model in theirs.values():
         model.close()

@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import inference.engine.compiled_decode as cd
-from inference.engine.compiled_decode import bucket_batch, bucket_ctx, static_step_inputs
+from inference.engine.compiled_decode import StaticStep, bucket_batch, bucket_ctx, bucket_slots
 from inference.engine.loading import LoadedModel, load_model
 from inference.engine.paged_cache import kv_bytes_per_token
 from inference.engine.sampling import SamplingParams
@@ -51,14 +51,18 @@ def test_buckets_by_hand() -> None:
     assert [bucket_ctx(n, 8) for n in (1, 8, 9, 17)] == [8, 8, 16, 24]
 
 
-def test_static_step_inputs_by_hand() -> None:
+def test_bucket_slots_and_static_step_by_hand() -> None:
     # two rows (block size 2): row 0 writes position 2 with blocks [5, 1]; row 1 position 0 with block [3];
     # padded to 4 rows and 4 context slots; scratch block 9
-    pos, write, gather, keys = static_step_inputs([2, 0], [[5, 1], [3]], 4, 4, 2, 9, torch.device("cpu"))
-    assert pos.tolist() == [[2], [0], [0], [0]]
-    assert write.tolist() == [2, 6, 18, 18]  # block 1 offset 0; block 3 offset 0; padding -> scratch
-    assert gather.view(4, 4).tolist() == [[10, 11, 2, 3], [6, 7, 18, 19], [18, 19, 18, 19], [18, 19, 18, 19]]
-    assert keys.tolist() == [[0, 1, 2, -1], [0, -1, -1, -1], [0, -1, -1, -1], [0, -1, -1, -1]]
+    slots = bucket_slots([[5, 1], [3]], 4, 4, 2, 9)
+    assert slots.tolist() == [[10, 11, 2, 3], [6, 7, 18, 19], [18, 19, 18, 19], [18, 19, 18, 19]]
+    step = StaticStep(torch.tensor([[2], [0], [0], [0]]), slots)
+    assert step.write_slots.tolist() == [2, 6, 18, 18]  # block 1 offset 0; block 3 offset 0; padding: scratch
+    assert step.gather_slots.tolist() == sum(slots.tolist(), [])
+    assert step.key_positions.tolist() == [[0, 1, 2, -1], [0, -1, -1, -1], [0, -1, -1, -1], [0, -1, -1, -1]]
+    mask, is_causal = step.mask(window=2)
+    assert not is_causal and mask.shape == (4, 1, 1, 4)
+    assert mask[:, 0, 0].tolist()[:2] == [[False, True, True, False], [True, False, False, False]]
 
 
 # ---------------------------------------------------------------------------- engine, compiled

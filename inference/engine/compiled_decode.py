@@ -68,48 +68,41 @@ def bucket_ctx(ctx: int, ctx_bucket: int) -> int:
 
 
 class StaticStep:
-    """What one compiled decode step reads and writes, every tensor bucket-shaped (the
-    `paged_cache.StepBatch` contract for one new token per row).
+    """What one compiled decode step reads and writes (the `paged_cache.StepBatch` contract for one
+    new token per row), derived inside the graph from two bucket-shaped inputs:
 
-    positions (Bb, 1); write_slots (Bb,); gather_slots (Bb * Sb,); key_positions (Bb, Sb), -1 =
-    not this row's key. The mask is built from them, so the same graph serves any row lengths.
+    positions (Bb, 1), the position each row writes; slots (Bb, Sb), the pool slot of each row's
+    positions 0 .. Sb - 1. Row b writes slot slots[b, positions[b]], gathers all of slots[b] and
+    sees the keys at positions <= positions[b] (within a sliding window where the layer has one).
     """
 
     contiguous_start = None
     seq_len = 1
 
-    def __init__(self, positions: torch.Tensor, write_slots: torch.Tensor, gather_slots: torch.Tensor,
-                 key_positions: torch.Tensor) -> None:
-        self.positions, self.write_slots, self.gather_slots = positions, write_slots, gather_slots
-        self.key_positions = key_positions
-        self.batch_size, self.ctx = key_positions.shape
+    def __init__(self, positions: torch.Tensor, slots: torch.Tensor) -> None:
+        self.positions = positions  # (Bb, 1)
+        self.batch_size, self.ctx = slots.shape
+        self.write_slots = slots.gather(1, positions).view(-1)  # (Bb,)
+        self.gather_slots = slots.reshape(-1)  # (Bb * Sb,)
+        idx = torch.arange(self.ctx, device=slots.device)
+        self.key_positions = torch.where(idx <= positions, idx, -1)  # (Bb, Sb), -1 = not a key of the row
 
     def mask(self, window: Optional[int] = None, force: bool = False) -> tuple[torch.Tensor, bool]:
         """(Bb, 1, 1, Sb) bool: always an explicit mask (rows of different lengths share a bucket)."""
         return step_mask(self.positions, self.key_positions, window), False
 
 
-def static_step_inputs(starts: list[int], block_tables: list[list[int]], batch: int, ctx: int,
-                       block_size: int, scratch_block: int, device: torch.device
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(positions (Bb, 1), write_slots (Bb,), gather_slots (Bb * Sb,), key_positions (Bb, Sb)) of a
-    decode step whose row b writes position ``starts[b]``, padded to ``batch`` rows and ``ctx``
-    context slots (a multiple of ``block_size``). A padding row sits at position 0 of the scratch
-    block: it writes there and sees only that one key (never an all-masked row)."""
-    n, nb = len(starts), ctx // block_size
-    pad_rows = batch - n
-    pos = torch.tensor(starts + [0] * pad_rows, dtype=torch.long)  # (Bb,)
+def bucket_slots(block_tables: list[list[int]], batch: int, ctx: int, block_size: int,
+                 scratch_block: int) -> torch.Tensor:
+    """(batch, ctx) pool slots of each row's positions 0 .. ctx - 1: its block table, padded with the
+    scratch block (rows beyond len(block_tables) are all scratch: padding rows write there and, at
+    position 0, see only that one key, never an all-masked row). ``ctx`` a multiple of ``block_size``."""
+    nb = ctx // block_size
     tables = torch.full((batch, nb), scratch_block, dtype=torch.long)  # (Bb, nb)
     for b, table in enumerate(block_tables):
-        used = table[: min(len(table), nb)]
+        used = table[:nb]
         tables[b, : len(used)] = torch.tensor(used, dtype=torch.long)
-    offsets = torch.arange(block_size)
-    slots = (tables[:, :, None] * block_size + offsets).view(batch, ctx)  # (Bb, Sb)
-    write = slots.gather(1, (pos % ctx)[:, None]).view(batch)  # (Bb,) the slot of position pos
-    write[n:] = scratch_block * block_size
-    idx = torch.arange(ctx)
-    key_pos = torch.where(idx[None, :] <= pos[:, None], idx[None, :], -1)  # (Bb, Sb)
-    return (pos[:, None].to(device), write.to(device), slots.reshape(-1).to(device), key_pos.to(device))
+    return (tables[:, :, None] * block_size + torch.arange(block_size)).view(batch, ctx)
 
 
 class CompiledDecode:
@@ -137,6 +130,8 @@ class CompiledDecode:
         fullgraph = model.cfg.moe is None
         self._compiled: Callable = torch.compile(self._step, dynamic=False, fullgraph=fullgraph, options=options)
         self.compiled_buckets: set[tuple[int, int]] = set()
+        self._slots_key: Optional[tuple] = None  # the last step's (bucket, block tables) and their slots
+        self._slots = torch.empty(0)
         self.disabled: Optional[str] = None  # why compiled decoding was turned off
 
     @staticmethod
@@ -148,9 +143,9 @@ class CompiledDecode:
             return "ALiBi biases are built per row"
         return None
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
-              gather_slots: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
-        self.cache.step = StaticStep(positions, write_slots, gather_slots, key_positions)
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """tokens (Bb, 1), positions (Bb, 1), slots (Bb, Sb) -> logits (Bb, V): the compiled graph."""
+        self.cache.step = StaticStep(positions, slots)
         hidden = self.model.forward_hidden(tokens, positions, self.cache)  # (Bb, 1, D)
         return self.model.head(self.model.norm(hidden[:, 0]))  # (Bb, V)
 
@@ -165,16 +160,21 @@ class CompiledDecode:
         n = len(rows)
         batch = bucket_batch(n)
         ctx = bucket_ctx(max(r.start for r in rows) + 1, self.ctx_bucket)
-        inputs = static_step_inputs([r.start for r in rows], [r.block_table for r in rows], batch, ctx,
-                                    self.cache.block_size, self.cache.scratch_block, self.device)
-        tokens = torch.tensor([r.token_ids[0] for r in rows] + [PAD_TOKEN_ID] * (batch - n),
-                              device=self.device)[:, None]  # (Bb, 1)
+        tables = [r.block_table for r in rows]
+        key = (batch, ctx, tuple(map(tuple, tables)))
+        if key != self._slots_key:  # block tables change only every block_size tokens of a row
+            self._slots_key = key
+            self._slots = bucket_slots(tables, batch, ctx, self.cache.block_size,
+                                       self.cache.scratch_block).to(self.device)
+        pad = batch - n  # padding rows: token PAD_TOKEN_ID at position 0 of the scratch block
+        tokens = torch.tensor([[r.token_ids[0]] for r in rows] + [[PAD_TOKEN_ID]] * pad, device=self.device)
+        positions = torch.tensor([[r.start] for r in rows] + [[0]] * pad, device=self.device)  # (Bb, 1)
         first = (batch, ctx) not in self.compiled_buckets
         if first:
             log.info("compiling the decode step for %d rows x %d context slots (once per bucket)...", batch, ctx)
         t0 = time.perf_counter()
         try:
-            logits = self._compiled(tokens, *inputs)
+            logits = self._compiled(tokens, positions, self._slots)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back to eager, loudly
             self.disabled = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             log.warning("compiled decoding is off (running eager): torch.compile failed: %s", self.disabled)
