@@ -30,7 +30,7 @@ test: $(DEVSTAMP)
 	$(VPY) -m pytest -q -m "not long"
 
 # the README's step-by-step walk, every command as written, and MMLU parity with lm-eval on the
-# whole val split (about 45 minutes on 2 idle cores)
+# whole val split (about 55 minutes on 2 cores; CI runs it after make test, in the time left)
 test-long: $(DEVSTAMP)
 	$(VPY) -m pytest -q -m long
 
