@@ -1,28 +1,32 @@
-"""A compiled decode step with static shapes: one `torch.compile` graph per (batch, context) bucket.
+"""A compiled decode step: one `torch.compile` graph per batch bucket, the context length symbolic.
 
 A decode step of a small model is mostly per-operator overhead: a few dozen tiny kernels per
 layer, each dispatched from Python. Compiling the whole step (embedding -> layers -> head, the
 paged-KV write and gather included) with Inductor turns it into a few generated C++ / Triton
-kernels around the matrix products, called from one wrapper. Compiled code wants static shapes,
-so a step is padded to a *bucket*:
+kernels around the matrix products, called from one wrapper. Shapes are kept few:
 
-- the batch to the next of `BATCH_BUCKETS` (1, 2, 4, 8, ...): padding rows decode token 0 at
-  position 0, write their K/V to the scratch block and read only it;
-- the context to the next multiple of ``ctx_bucket`` slots: each row gathers its block table
-  padded with the scratch block, and the mask (built inside the graph from the key positions,
-  -1 beyond a row's end) hides what is not the row's.
+- the batch is padded to the next of `BATCH_BUCKETS` (1, 2, 4, 8, ...) and is static in each
+  graph: padding rows decode token 0 at position 0, write their K/V to the scratch block and
+  read only it;
+- the context is padded to whole blocks (each row gathers its block table padded with the
+  scratch block; the mask, built inside the graph from the positions, hides what is not the
+  row's) and is a *symbolic* size: one graph serves every length, so no context is padded
+  further than its last block. (Static context buckets of 256 slots were measured too: the
+  same speed for one stream, half the speed at 16 streams, whose attention and K/V gather then
+  cover up to 256 positions where the rows have a few dozen.)
 
-Every bucket is compiled once, on first use (its warm-up is paid then and logged), and then only
-replayed: the shapes never change within a bucket, so there are no recompilations. Shapes
-outside the buckets (a prefill, a verification of speculative drafts, a packed chunked-prefill
-step, more rows than the largest bucket) run the eager `ModelRunner.forward`, whose outputs the
-compiled step equals up to float summation order (tests run the paged-engine tests in both
-modes). Where compilation is unavailable or fails, the engine logs one warning and stays eager.
+Every batch bucket is compiled once, on first use (its warm-up is paid then and logged), and then
+only replayed: no recompilations. Steps outside the buckets (a prefill, a verification of
+speculative drafts, a packed chunked-prefill step, more rows than the largest bucket) run the
+eager `ModelRunner.forward`, whose outputs the compiled step equals up to float summation order
+(tests run the paged-engine scenarios in both modes). Where compilation is unavailable or fails,
+the engine logs one warning and stays eager.
 
-This is vLLM's / SGLang's "CUDA graph capture per batch size" idea, with Inductor as the
-compiler; on the CPU, ``cpp_wrapper`` removes the Python wrapper too (Ansel et al., 2024,
-"PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode Transformation and Graph
-Compilation").
+This is vLLM's / SGLang's "CUDA graph capture per batch size" idea with Inductor as the compiler
+(Ansel et al., 2024, "PyTorch 2: Faster Machine Learning Through Dynamic Python Bytecode
+Transformation and Graph Compilation"). On the CPU the weights are frozen into the graph, the
+GEMMs autotuned and the wrapper is C++ (`DEFAULT_CPU_OPTIONS`); so only models loaded from disk
+are compiled, never a live policy whose weights an optimizer changes.
 """
 from __future__ import annotations
 
@@ -38,7 +42,6 @@ from model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-DEFAULT_CTX_BUCKET = 256  # context slots are padded to a multiple of this (a multiple of the block size)
 PAD_TOKEN_ID = 0
 # on the CPU: weights frozen into the graph (constants, prepacked), GEMMs autotuned between Inductor's
 # C++ micro-kernels and ATen, the wrapper in C++ (no Python between kernels)
@@ -62,9 +65,9 @@ def bucket_batch(batch: int) -> Optional[int]:
     return next((b for b in BATCH_BUCKETS if b >= batch), None)
 
 
-def bucket_ctx(ctx: int, ctx_bucket: int) -> int:
-    """``ctx`` rounded up to a multiple of ``ctx_bucket``."""
-    return -(-ctx // ctx_bucket) * ctx_bucket
+def round_up(n: int, multiple: int) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
 
 
 class StaticStep:
@@ -106,31 +109,26 @@ def bucket_slots(block_tables: list[list[int]], batch: int, ctx: int, block_size
 
 
 class CompiledDecode:
-    """Decode steps of ``model`` over ``cache`` through one compiled graph per bucket.
+    """Decode steps of ``model`` over ``cache`` through one compiled graph per batch bucket.
 
     ``supports(rows)`` says whether a batch of `model_runner.Row`s is a decode step it can run;
-    ``__call__`` returns their last-token logits (B, V). ``options``: Inductor options
-    (default: ``cpp_wrapper`` on the CPU).
+    ``__call__`` returns their last-token logits (B, V). ``options``: Inductor options (default:
+    `CPU_OPTIONS` on the CPU, Inductor's defaults elsewhere).
     """
 
     def __init__(self, model: Transformer, cache: PagedKVCache, max_model_len: int,
-                 ctx_bucket: int = DEFAULT_CTX_BUCKET, options: Optional[dict] = None) -> None:
-        block = cache.block_size
-        # whole blocks, and no larger than the longest context
-        ctx_bucket = min(bucket_ctx(ctx_bucket, block), bucket_ctx(max_model_len, block))
-        self.model, self.cache, self.ctx_bucket = model, cache, ctx_bucket
-        self.max_ctx = bucket_ctx(max_model_len, ctx_bucket)
+                 options: Optional[dict] = None) -> None:
+        self.model, self.cache, self.max_model_len = model, cache, max_model_len
         self.device = cache.device
         if options is None:
             options = dict(CPU_OPTIONS) if self.device.type == "cpu" else {}
-        # one graph per bucket of the same function: dynamo must not give up after its default 8
-        limit = len(BATCH_BUCKETS) * (self.max_ctx // ctx_bucket)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        # one graph per batch bucket of the same function: dynamo must not give up after its default 8
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(BATCH_BUCKETS))
         # MoE routed experts stay eager (`model.moe`: data-dependent group sizes), a graph break each
         fullgraph = model.cfg.moe is None
-        self._compiled: Callable = torch.compile(self._step, dynamic=False, fullgraph=fullgraph, options=options)
-        self.compiled_buckets: set[tuple[int, int]] = set()
-        self._slots_key: Optional[tuple] = None  # the last step's (bucket, block tables) and their slots
+        self._compiled: Callable = torch.compile(self._step, fullgraph=fullgraph, options=options)
+        self.compiled_buckets: set[int] = set()  # batch buckets compiled so far
+        self._slots_key: Optional[tuple] = None  # the last step's (bucket, context, block tables) and slots
         self._slots = torch.empty(0)
         self.disabled: Optional[str] = None  # why compiled decoding was turned off
 
@@ -152,26 +150,28 @@ class CompiledDecode:
     def supports(self, rows: list) -> bool:
         if self.disabled is not None or not rows or any(len(r.token_ids) != 1 for r in rows):
             return False
-        return bucket_batch(len(rows)) is not None and max(r.start for r in rows) < self.max_ctx
+        return bucket_batch(len(rows)) is not None and max(r.start for r in rows) < self.max_model_len
 
     @torch.inference_mode()
     def __call__(self, rows: list) -> Optional[torch.Tensor]:
         """Last-token logits (B, V) of a decode step, or None when compilation failed (then disabled)."""
-        n = len(rows)
+        n, block = len(rows), self.cache.block_size
         batch = bucket_batch(n)
-        ctx = bucket_ctx(max(r.start for r in rows) + 1, self.ctx_bucket)
+        ctx = round_up(max(r.start for r in rows) + 1, block)
         tables = [r.block_table for r in rows]
         key = (batch, ctx, tuple(map(tuple, tables)))
         if key != self._slots_key:  # block tables change only every block_size tokens of a row
             self._slots_key = key
-            self._slots = bucket_slots(tables, batch, ctx, self.cache.block_size,
-                                       self.cache.scratch_block).to(self.device)
+            self._slots = bucket_slots(tables, batch, ctx, block, self.cache.scratch_block).to(self.device)
+            torch._dynamo.mark_dynamic(self._slots, 1)  # the context: a symbolic size, one graph for all
         pad = batch - n  # padding rows: token PAD_TOKEN_ID at position 0 of the scratch block
         tokens = torch.tensor([[r.token_ids[0]] for r in rows] + [[PAD_TOKEN_ID]] * pad, device=self.device)
         positions = torch.tensor([[r.start] for r in rows] + [[0]] * pad, device=self.device)  # (Bb, 1)
-        first = (batch, ctx) not in self.compiled_buckets
+        for t in (tokens, positions, self._slots):
+            torch._dynamo.mark_static(t, 0)  # the batch bucket: never made dynamic by a second size
+        first = batch not in self.compiled_buckets
         if first:
-            log.info("compiling the decode step for %d rows x %d context slots (once per bucket)...", batch, ctx)
+            log.info("compiling the decode step for %d rows (once per batch size bucket)...", batch)
         t0 = time.perf_counter()
         try:
             logits = self._compiled(tokens, positions, self._slots)
@@ -180,6 +180,6 @@ class CompiledDecode:
             log.warning("compiled decoding is off (running eager): torch.compile failed: %s", self.disabled)
             return None
         if first:
-            self.compiled_buckets.add((batch, ctx))
+            self.compiled_buckets.add(batch)
             log.info("compiled in %.1f s", time.perf_counter() - t0)
         return logits[:n]
