@@ -46,7 +46,7 @@ PAD_TOKEN_ID = 0
 # on the CPU: weights frozen into the graph (constants, prepacked), GEMMs autotuned between Inductor's
 # C++ micro-kernels and ATen, the wrapper in C++ (no Python between kernels)
 DEFAULT_CPU_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-               "cpp_wrapper": True}
+                       "cpp_wrapper": True}
 CPU_OPTIONS = DEFAULT_CPU_OPTIONS
 
 
