@@ -53,13 +53,20 @@ def sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_IN
     logits (B, T, V), labels (B, T) in the shifted convention (labels[t] follows input t;
     ``ignore_index`` on prompt, padding and the last position) → (logps (B,) fp32, counts (B,)).
     """
-    b, t, v = logits.shape
-    flat = logits.reshape(b * t, v)
-    if flat.dtype != torch.float32:
-        flat = flat.float()
-    nll = F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="none")  # (B*T,)
-    logps = -nll.view(b, t).sum(dim=1)  # ignored positions contribute exactly 0
-    return logps, (labels != ignore_index).sum(dim=1)
+    return kept_sequence_logps(logits[labels != ignore_index], labels, ignore_index)
+
+
+def kept_sequence_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """`sequence_logps` when the logits exist only at the target positions.
+
+    logits (N, V) in row-major order of ``keep = labels != ignore_index`` (B, T), as the model's
+    ``forward(..., keep=keep)`` returns them → (logps (B,) fp32, counts (B,)).
+    """
+    keep = labels != ignore_index  # (B, T)
+    rows = keep.nonzero()[:, 0]  # (N,) the row of each kept position
+    nll = F.cross_entropy(logits.float(), labels[keep], reduction="none")  # (N,)
+    logps = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, -nll)
+    return logps, keep.sum(dim=1)
 
 
 def reward_model_loss(chosen: Tensor, rejected: Tensor, margin: float | Tensor = 0.0,

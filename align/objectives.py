@@ -2,7 +2,7 @@
 
 Each one runs the policy (or reward model) forward once over the chosen and rejected rows
 together (one concatenated batch, as TRL does), turns logits into per-sequence log-probs over
-the response tokens (`align.losses.sequence_logps`), asks the reference for its log-probs
+the response tokens (`response_logps`, the LM head run at those positions only), asks the reference for its log-probs
 (`align.reference`), and applies the pure loss of `align.losses`.
 
 What the engine normalises by (``count_fn``) is the number of pairs (KTO: examples) of the
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from align.config import AlignSection, RewardSection
-from align.losses import (PairLosses, dpo_loss, kto_kl_estimate, kto_loss, orpo_odds_ratio, reward_model_loss,
-                          sequence_logps, simpo_loss)
+from align.losses import (PairLosses, dpo_loss, kept_sequence_logps, kto_kl_estimate, kto_loss, orpo_odds_ratio,
+                          reward_model_loss, simpo_loss)
+from data_pipeline.loader import IGNORE_INDEX
 from trainer.distributed import all_reduce_sum
 from trainer.losses import Batch, LossOutput, model_aux_loss
 
@@ -36,11 +37,21 @@ class PairLogps(NamedTuple):
     rejected_tokens: Tensor   # (B,)
 
 
+def response_logps(model: torch.nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """ids, labels (B, T) → summed response log-probs (B,) and response lengths (B,).
+
+    The LM head and its log-softmax run only where a label is set (``keep``): prompt and
+    padding positions, often half of a preference row, never reach the (·, V) projection.
+    """
+    logits = model(ids, keep=labels != IGNORE_INDEX)  # (N, V)
+    return kept_sequence_logps(logits, labels)
+
+
 def pair_logps(model: torch.nn.Module, batch: Batch) -> PairLogps:
     """One forward over [chosen rows; rejected rows] (2B, T) → per-sequence log-probs."""
     ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])  # (2B, T)
     labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
-    logps, counts = sequence_logps(model(ids), labels)  # (2B,), (2B,)
+    logps, counts = response_logps(model, ids, labels)  # (2B,), (2B,)
     b = batch["chosen_input_ids"].shape[0]
     return PairLogps(logps[:b], logps[b:], counts[:b], counts[b:])
 
@@ -48,7 +59,7 @@ def pair_logps(model: torch.nn.Module, batch: Batch) -> PairLogps:
 def kto_logps(model: torch.nn.Module, batch: Batch, kl: bool = False) -> Tensor:
     """Summed response log-probs of the KTO examples (2B,), or of their mismatched KL rows."""
     prefix = "kl_" if kl else ""
-    return sequence_logps(model(batch[f"{prefix}input_ids"]), batch[f"{prefix}labels"])[0]
+    return response_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}labels"])[0]
 
 
 def pair_count(batch: Batch) -> int:

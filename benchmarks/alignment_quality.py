@@ -1,8 +1,9 @@
 """What offline alignment does to a model: held-out preference accuracy and margins before and
 after each method, from one SFT checkpoint, printed as JSON.
 
-    python utils/demo.py                                   # data/demo + runs/sft/demo (the SFT model)
-    python benchmarks/alignment_quality.py [--sft runs/sft/demo/checkpoints/final] [--data_dir data/demo]
+    make demo                                              # data/ + the nano DeepSeek-V3's QLoRA SFT model
+    python benchmarks/alignment_quality.py [--sft runs/classic/deepseek/v3_nano/1_sft_qlora/checkpoints/final]
+        [--data_dir data]
         [--methods reward,dpo,orpo,simpo,kto] [--steps 150] [--real] [--out quality.json]
 
 For every method it runs the real stage (`align.stage`, the shipped configs/align/*.yaml with the
@@ -11,7 +12,10 @@ first update (step 0) and once after the last, over the whole held-out split, an
 ``val_rewards/accuracies`` (implicit-reward accuracy: β·log-ratio of chosen > rejected),
 ``val_rewards/margins``, and the policy's own log-prob margin ``logps/chosen - logps/rejected``.
 The reward model reports ``val_accuracy`` and ``val_margin``. At step 0 a policy equals its
-reference, so its implicit rewards are all 0 and the accuracy (a strict >) is 0.
+reference, so its implicit rewards are all 0 and the accuracy (a strict >) is 0. ORPO's and SimPO's
+rewards are the policy's own (length-averaged) log-probs, already above chance at the start, so
+every policy method also reports, after training, ``vs_sft/accuracy`` and ``vs_sft/margin``: the
+implicit reward measured against the starting model (`versus_start`), one yardstick for all.
 
 ``--real`` also trains the reward model on the real preference pairs in the shared data
 directory (HH-RLHF harmless-base test, the LLaMA-Factory DPO demo set), each encoded with the
@@ -21,6 +25,7 @@ no threshold).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -36,6 +41,9 @@ if __package__ in (None, ""):
 from benchmarks.procs import emit_report  # noqa: E402
 from align import stage  # noqa: E402
 from align.config import AlignConfig  # noqa: E402
+from align.data import preference_bins  # noqa: E402
+from align.reference import compute_table  # noqa: E402
+from data_pipeline.chat_loaders import PreferenceLoader  # noqa: E402
 from data_pipeline.processing import build_preference_bins  # noqa: E402
 from trainer.launch import launch  # noqa: E402
 from utils.config import load_config  # noqa: E402
@@ -61,9 +69,12 @@ def run_method(method: str, sft: Path, data_dir: Path, runs: Path, steps: int, b
         trainer = stage.build_trainer(cfg, weights, source, dist, reward)
         cfg.training.eval_steps = 10**6  # the whole held-out split (the factory stops at one epoch)
         before = trainer.validate()
+        table0 = None if reward else held_out_logps(trainer.model, cfg)
         trainer.fit()
         after = trainer.last_val
-    pick = lambda r: {k: round(v, 4) for k, v in r.items() if k in KEYS}  # noqa: E731
+        if not reward:
+            after.update(versus_start(table0, held_out_logps(trainer.model, cfg)))
+    pick = lambda r: {k: round(v, 4) for k, v in r.items() if k in KEYS or k.startswith("vs_sft/")}  # noqa: E731
     result = {"before": pick(before), "after": pick(after), "val_examples": before["val_tokens"],
               "steps": steps, "seconds": round(time.time() - t0, 1)}
     if not reward:
@@ -71,6 +82,24 @@ def run_method(method: str, sft: Path, data_dir: Path, runs: Path, steps: int, b
             r = result[when]
             r["policy_logp_margin"] = round(r["val_logps/chosen"] - r["val_logps/rejected"], 4)
     return result
+
+
+def held_out_logps(model: torch.nn.Module, cfg: AlignConfig) -> torch.Tensor:
+    """(N, 2) summed response log-probs (chosen, rejected) of every held-out pair under `model`."""
+    val = PreferenceLoader(preference_bins(cfg)[1], batch_size=cfg.training.batch_size, shuffle=False,
+                           seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
+    device = next(model.parameters()).device
+    return compute_table(model, val, False, cfg.training.batch_size, 0, 1, device, contextlib.nullcontext, False)
+
+
+def versus_start(start: torch.Tensor, end: torch.Tensor) -> dict[str, float]:
+    """One yardstick for every method, reference-free ones included: the implicit reward with the
+    *starting* (SFT) model as reference, log π(y|x) − log π_SFT(y|x). ``vs_sft/accuracy``: the
+    share of held-out pairs whose chosen reply gained more log-probability than the rejected one;
+    ``vs_sft/margin``: the mean of that difference (nats)."""
+    gain = end - start  # (N, 2)
+    diff = gain[:, 0] - gain[:, 1]
+    return {"vs_sft/accuracy": round(float((diff > 0).float().mean()), 4), "vs_sft/margin": round(float(diff.mean()), 4)}
 
 
 def real_bins(sft: Path, root: Path) -> dict[str, Path]:
@@ -95,8 +124,8 @@ def real_bins(sft: Path, root: Path) -> dict[str, Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sft", default="runs/sft/demo/checkpoints/final", help="the SFT checkpoint to start from")
-    ap.add_argument("--data_dir", default="data/demo", help="data dir with preference/ bins and tokenizer/")
+    ap.add_argument("--sft", default="runs/classic/deepseek/v3_nano/1_sft_qlora/checkpoints/final", help="the SFT checkpoint to start from")
+    ap.add_argument("--data_dir", default="data", help="data dir with preference/ bins and tokenizer/")
     ap.add_argument("--methods", default="reward,dpo,orpo,simpo,kto")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--batch_size", type=int, default=8)

@@ -1,8 +1,9 @@
 """What online RL does to a model: held-out reward before and after GRPO, GSPO, PPO and RFT on the
 built-in verifiable problems, from one SFT checkpoint warmed up on worked solutions, as JSON.
 
-    python utils/demo.py                                   # data/demo + runs/sft/demo (the SFT model)
-    python benchmarks/rl_quality.py [--sft runs/sft/demo/checkpoints/final] [--data_dir data/demo]
+    make demo                                              # data/ + the nano DeepSeek-V3's SFT model
+    python benchmarks/rl_quality.py [--sft runs/classic/deepseek/v3_nano/1_sft_qlora/checkpoints/final]
+        [--data_dir data] [--warm_config configs/classic_reproductions/deepseek/v3_nano/1_sft_full.yaml]
         [--algorithms grpo,gspo,ppo,rft] [--steps 400] [--warmup_steps 150] [--warm CKPT] [--out rl.json]
         [--set training.learning_rate=1e-4 ...]
 
@@ -10,7 +11,8 @@ built-in verifiable problems, from one SFT checkpoint warmed up on worked soluti
    worked solutions of 4,000 built-in problems ("... 7 + 5 = 12. The answer is 12.") generated
    with another seed than the RL prompts, and none whose question is in the RL prompts file
    (`data_pipeline.builtin.verifiable`; bins built by `build_sft_bins.py --input`, the run by the
-   real SFT stage with configs/sft/full.yaml). A tiny model learns the answer format there; RL
+   real SFT stage with ``--warm_config``: the SFT model's own full-SFT recipe config by default).
+   A tiny model learns the answer format there; RL
    then has rewards to work with.
 2. For each algorithm the real stage runs (`align.rl_stage`, the shipped configs/align/<alg>.yaml
    with paths, steps and held-out size overridden) into a temporary runs directory. The held-out
@@ -44,7 +46,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def warm_up(sft: Path, data_dir: Path, root: Path, steps: int) -> Path:
+def warm_up(sft: Path, data_dir: Path, root: Path, steps: int, config: Path) -> Path:
     """SFT on built-in worked solutions (none of the RL prompts); returns the final checkpoint."""
     import subprocess
 
@@ -61,14 +63,15 @@ def warm_up(sft: Path, data_dir: Path, root: Path, steps: int) -> Path:
     py = sys.executable
     subprocess.run([py, "data_pipeline/processing/build_sft_bins.py", "--data_dir", str(warm_data),
                     "--input", str(src)], cwd=REPO_ROOT, check=True)
-    subprocess.run([py, "finetune/sft_train.py", "--config_path", "configs/sft/full.yaml",
+    run_dir = root / "runs" / "sft" / "warmup"
+    subprocess.run([py, "finetune/sft_train.py", "--config_path", str(config),
                     "--set", f"data.data_dir={warm_data}", "--set", f"checkpointing.init_from={sft}",
-                    "--set", f"logging.runs_dir={root / 'runs'}", "--set", "logging.run_name=warmup",
+                    "--set", f"logging.run_dir={run_dir}", "--set", "logging.run_name=warmup",
                     "--set", f"training.max_steps={steps}", "--set", f"training.eval_interval={steps}",
                     "--set", "logging.sample_interval=0", "--set", "training.warmup_steps=10",
                     "--set", f"checkpointing.save_interval={steps}", "--set", "training.device=cpu"],
                    cwd=REPO_ROOT, check=True)
-    return root / "runs" / "sft" / "warmup" / "checkpoints" / "final"
+    return run_dir / "checkpoints" / "final"
 
 
 def run_algorithm(algorithm: str, start: Path, data_dir: Path, runs: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -94,8 +97,10 @@ def run_algorithm(algorithm: str, start: Path, data_dir: Path, runs: Path, args:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sft", default="runs/sft/demo/checkpoints/final")
-    ap.add_argument("--data_dir", default="data/demo")
+    ap.add_argument("--sft", default="runs/classic/deepseek/v3_nano/1_sft_qlora/checkpoints/final")
+    ap.add_argument("--data_dir", default="data")
+    ap.add_argument("--warm_config", default="configs/classic_reproductions/deepseek/v3_nano/1_sft_full.yaml",
+                    help="the SFT config of the warm-up (paths, steps and schedule overridden)")
     ap.add_argument("--algorithms", default="grpo,gspo,ppo,rft")
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval_interval", type=int, default=50)
@@ -117,7 +122,7 @@ def main() -> None:
             start = resolve_path(args.warm)
         else:
             t0 = time.time()
-            start = warm_up(sft, data_dir, root, args.warmup_steps)
+            start = warm_up(sft, data_dir, root, args.warmup_steps, resolve_path(args.warm_config))
             result["warmup"] = {"steps": args.warmup_steps, "seconds": round(time.time() - t0, 1)}
         result["start"] = str(start)
         for algorithm in args.algorithms.split(","):

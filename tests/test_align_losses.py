@@ -160,3 +160,34 @@ def test_sequence_logps_counts_response_tokens_only(side: str) -> None:
         single = logits_of(torch.tensor([seq]), [0])[0].log_softmax(-1)
         expect = sum(single[j - 1, seq[j]].item() for j in range(len(prompt), len(seq)))
         assert logps[b].item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_response_logps_runs_the_head_on_responses_only_and_matches_full_logits() -> None:
+    """`response_logps` (the LM head at the labelled positions only) equals `sequence_logps` on
+    the full logits, values and gradients, with a softcapped head; the head sees N rows, not B·T."""
+    from align.objectives import response_logps
+    from model.build import build_model
+    from model.config import ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(family="llama", vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                      ffn_hidden_dim=64, max_seq_len=32, tie_embeddings=False, final_logit_softcap=30.0)
+    model = build_model(cfg)
+    ids = torch.randint(0, 50, (3, 12))
+    labels = torch.full((3, 12), -100)
+    labels[0, 4:11] = ids[0, 5:12]
+    labels[1, 2:6] = ids[1, 3:7]
+    labels[2, 9:11] = ids[2, 10:12]
+    rows_seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, a, o: rows_seen.append(a[0].shape[0]))
+    got, counts = response_logps(model, ids, labels)
+    hook.remove()
+    assert rows_seen == [13] and counts.tolist() == [7, 4, 2]
+    got.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    want, _ = sequence_logps(model(ids), labels)
+    want.sum().backward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
