@@ -17,7 +17,6 @@ sharded by rank, exact resume).
 """
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -85,25 +84,29 @@ def build_preference_loaders(cfg: ExperimentConfig, rank: int, world_size: int, 
         raise UserError(f"the preference bins hold pairs of up to {longest} tokens, more than model.max_seq_len="
                         f"{cfg.model.max_seq_len}: rebuild them with `{COMMANDS['preference']} --max_seq_len "
                         f"{cfg.model.max_seq_len}`")
-    if val.steps_per_epoch() == 0:
-        raise UserError(f"{val_base}.bin has {len(val.bin)} pairs, too few for one validation batch of "
-                        f"{cfg.training.batch_size} x {world_size}: lower training.batch_size or hold out more pairs "
-                        f"(`{COMMANDS['preference']} --val_fraction ...`)")
-    start = val.state_dict()
+    if len(val.bin) < world_size:
+        raise UserError(f"{val_base}.bin has {len(val.bin)} pairs, fewer than the {world_size} processes that "
+                        f"validate: hold out more pairs (`{COMMANDS['preference']} --val_fraction ...`)")
+    batch_size = cfg.training.batch_size
 
     def val_batches() -> Iterator[Batch]:
-        val.load_state_dict(start)
-        return itertools.islice(val, val.steps_per_epoch())
+        return balanced_batches(val, rank, world_size, batch_size)
 
     return train, val_batches, val
 
 
-def all_batches(loader: PreferenceLoader, rank: int, world_size: int, batch_size: int) -> Iterator[Batch]:
-    """Every pair of a bin once, in index order, this rank's share (pairs rank, rank + W, ...),
-    in batches of `batch_size` (the last one shorter): for precomputing reference log-probs."""
-    ids = np.arange(rank, len(loader.bin), world_size)
-    for start in range(0, len(ids), batch_size):
-        yield loader._batch(ids[start:start + batch_size])
+def balanced_batches(loader: PreferenceLoader, rank: int, world_size: int, batch_size: int) -> Iterator[Batch]:
+    """Every pair of a bin exactly once, in index order (validation drops no pair to fill whole
+    batches; precomputing reference log-probs needs them all): this rank's share (pairs rank,
+    rank + W, ...) in the same number of batches on every rank — so FSDP2's per-forward
+    collectives line up — each of at most `batch_size` pairs (a little more only when
+    batch_size is 1 and the shares are uneven)."""
+    n = len(loader.bin)
+    ids = np.arange(rank, n, world_size)
+    largest, smallest = -(-n // world_size), n // world_size  # pairs per rank
+    k = min(-(-largest // batch_size), smallest)  # batches per rank: ceil(largest / B), each non-empty
+    for chunk in np.array_split(ids, k):
+        yield loader._batch(chunk)
 
 
 def describe_bins(loader: PreferenceLoader) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from align.data import all_batches, describe_bins
+from align.data import balanced_batches, describe_bins
 from align.objectives import kto_logps, pair_logps
 from data_pipeline.chat_loaders import PreferenceLoader
 from model.lora import disable_adapters
@@ -98,7 +98,7 @@ def compute_table(model: nn.Module, loader: PreferenceLoader, kto: bool, batch_s
     computes the pairs rank, rank + W, ... and the shares are gathered."""
     ref = ModelReference(model, kto, amp, adapters_off)
     rows: list[Tensor] = []
-    for batch in all_batches(loader, rank, world_size, batch_size):
+    for batch in balanced_batches(loader, rank, world_size, batch_size):
         rows.append(ref(to_device(batch, device)).cpu())
     mine = torch.cat(rows) if rows else torch.zeros(0, 4 if kto else 2)
     shares = gather_objects(mine)

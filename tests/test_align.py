@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from align import stage
 from align.config import AlignConfig
-from align.data import KTOLoader, build_preference_loaders
+from align.data import KTOLoader, balanced_batches, build_preference_loaders
 from align.objectives import pair_logps
 from align.reference import TABLE_FILE, ModelReference, reference_columns
 from align_fixtures import AlignEnv, align_config, align_dict, make_align_env, metrics, train_losses, val_records
@@ -63,6 +63,23 @@ def test_kto_examples_and_mismatched_partners(env: AlignEnv) -> None:
             assert b[key][r, :len(seq)].tolist() == seq.tolist()
         targets = (b["labels"][k] != -100).sum().item()
         assert targets == len(chosen)  # response tokens only
+
+
+@pytest.mark.parametrize("world_size, batch_size", [(1, 8), (1, 3), (2, 3), (3, 2), (2, 1)])
+def test_balanced_batches_cover_every_pair_in_equal_batch_counts(env: AlignEnv, world_size: int, batch_size: int) -> None:
+    """No held-out pair is dropped to fill whole batches, none is counted twice, every rank
+    runs the same number of forwards (FSDP2 gathers weights in each), batches ≤ batch_size."""
+    base = env.data_dir / "preference" / "val"
+    loader = PreferenceLoader(base, batch_size=batch_size, shuffle=False)
+    n = len(loader.bin)
+    assert n % (batch_size * world_size) != 0 or batch_size == 1  # a size whole batches would cut short
+    per_rank = [[b["pair_ids"].tolist() for b in balanced_batches(loader, r, world_size, batch_size)]
+                for r in range(world_size)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    seen = sorted(i for batches in per_rank for b in batches for i in b)
+    assert seen == list(range(n))
+    if batch_size > 1:
+        assert max(len(b) for batches in per_rank for b in batches) <= batch_size
 
 
 # ---------------------------------------------------------------------------- training runs
@@ -189,6 +206,9 @@ def test_two_process_ddp_equals_one_process(env: AlignEnv, tmp_path: Path) -> No
         torchrun(script, ["--config_path", str(config), *two])
         a, b = train_losses(run_dir(tmp_path, f"{method}1")), train_losses(run_dir(tmp_path, f"{method}2"))
         assert len(a) == 4 and a == pytest.approx(b, abs=1e-5)
+        va, vb = val_records(run_dir(tmp_path, f"{method}1")), val_records(run_dir(tmp_path, f"{method}2"))
+        same_pairs_other_batching = pytest.approx([r["val_loss"] for r in vb], rel=1e-4)
+        assert va and [r["val_loss"] for r in va] == same_pairs_other_batching
 
 
 # ---------------------------------------------------------------------------- user mistakes
