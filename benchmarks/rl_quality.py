@@ -5,6 +5,7 @@ built-in verifiable problems, from one SFT checkpoint warmed up on worked soluti
     python benchmarks/rl_quality.py [--sft runs/classic/deepseek/v3_nano/1_sft_qlora/checkpoints/final]
         [--data_dir data] [--warm_config configs/classic_reproductions/deepseek/v3_nano/1_sft_full.yaml]
         [--algorithms grpo,gspo,ppo,rft] [--steps 400] [--warmup_steps 150] [--warm CKPT] [--out rl.json]
+        [--workdir DIR]   # keep the warm-up and the runs (default: a temporary directory)
         [--set training.learning_rate=1e-4 ...]
 
 1. Warm-up (skipped with ``--warm CKPT``): the SFT model is fine-tuned for ``--warmup_steps`` on the
@@ -108,6 +109,9 @@ def main() -> None:
     ap.add_argument("--warmup_steps", type=int, default=150)
     ap.add_argument("--warm", default=None, help="an already warmed-up checkpoint (skips the warm-up)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--workdir", default=None,
+                    help="keep the warm-up and the runs here (reuse the warm-up later with --warm "
+                         "WORKDIR/runs/sft/warmup/checkpoints/final) instead of a temporary directory")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config overrides for every algorithm (e.g. training.learning_rate=1e-4)")
     args = ap.parse_args()
@@ -118,6 +122,11 @@ def main() -> None:
     result: dict[str, Any] = {"sft": str(sft), "data_dir": str(data_dir)}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.workdir:
+            root = resolve_path(args.workdir)
+            if root.exists() and any(root.iterdir()):
+                raise SystemExit(f"--workdir {root} is not empty: give a new directory")
+            root.mkdir(parents=True, exist_ok=True)
         if args.warm:
             start = resolve_path(args.warm)
         else:
