@@ -38,8 +38,9 @@ def run(cmd: list[str], log: Path) -> float:
         f.flush()
         proc = subprocess.run([sys.executable, *cmd], cwd=REPO_ROOT, stdout=f, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)} — see {log}")
+    if proc.returncode != 0:  # the log lives in a temporary directory: show its tail before it goes
+        tail = "".join(log.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"{tail}\nfailed ({proc.returncode}): {' '.join(cmd)}")
     return time.perf_counter() - t0
 
 
@@ -128,7 +129,7 @@ def main() -> None:
         rows = []
         for recipe in recipes:
             rows.append(run_recipe(recipe, data_dir, root / recipe.replace("/", "_"), args.compile, log))
-            print(f"{recipe}: {rows[-1]['seconds_total']:.0f} s", file=sys.stderr, flush=True)
+            print(f"{recipe}: {rows[-1]['seconds_total']:.0f} s {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
         report = {"benchmark": "recipes_nano", "cpu_count": os.cpu_count(), "compile": args.compile,
                   "data_pipeline_s": data_s, "recipes": rows, "markdown": table(rows)}
     text = json.dumps(report, indent=1)
