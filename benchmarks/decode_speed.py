@@ -31,6 +31,7 @@ cache bytes per token it holds beside those of the equivalent MHA cache (``laten
 
     python benchmarks/decode_speed.py                 # configs A and B
     python benchmarks/decode_speed.py --configs D     # DeepSeek-V3 (MLA + MoE) vs DeepseekV3ForCausalLM
+    python benchmarks/decode_speed.py --configs D --compile   # + our compiled decode step, one stream
     python benchmarks/decode_speed.py --quick         # a quick smoke run (fewer tokens / rounds)
     python benchmarks/decode_speed.py --llamacpp --threads 2   # vs llama.cpp instead (requirements-bench.txt)
     python benchmarks/decode_speed.py --chunked_prefill 16 64 --threads 2   # a long prompt vs 8 decoding streams
@@ -210,21 +211,26 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) -> dict:
+def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float, compile_: bool = False) -> dict:
     hf = save_hf_model(name, tmp / name)
     engine = LLMEngine(tmp / name, device="cpu", dtype="fp32", max_num_seqs=16)
+    compiled = LLMEngine(tmp / name, device="cpu", dtype="fp32", max_num_seqs=16, compile=True) if compile_ else None
     rng = random.Random(0)
     vocab = engine.config.vocab_size
     prompt = [rng.randrange(vocab) for _ in range(PROMPT_LEN)]
     run_ours(engine, [prompt], 4)  # warm-up
     run_hf(hf, prompt, 4)
+    if compiled is not None:
+        run_ours(compiled, [prompt], 4)  # compiles the batch-1 bucket
 
     ours_tokens, ours_times, _ = run_ours(engine, [prompt], n)
     hf_tokens, _ = run_hf(hf, prompt, n)
     gemv = gemv_pass(engine.model)
-    t_ours, t_hf, t_gemv, ratios = [], [], [], []
+    t_ours, t_hf, t_gemv, t_compiled, ratios = [], [], [], [], []
     for _ in range(rounds):  # interleaved: background load hits all alike
         full, one = run_ours(engine, [prompt], n)[2], run_ours(engine, [prompt], 1)[2]
+        if compiled is not None:
+            t_compiled.append(run_ours(compiled, [prompt], n)[2] - run_ours(compiled, [prompt], 1)[2])
         hf_full, hf_one = run_hf(hf, prompt, n)[1], run_hf(hf, prompt, 1)[1]
         t_ours.append(full - one)
         t_hf.append(hf_full - hf_one)
@@ -264,6 +270,13 @@ def bench_config(name: str, tmp: Path, n: int, rounds: int, bandwidth: float) ->
             "ours_fraction_of_gemv_kernels": round(ours_tps / gemv_tps, 3),
         },
     }
+    if compiled is not None:
+        compiled_tps = (n - 1) / statistics.median(t_compiled)
+        result["single_stream"].update({
+            "ours_compiled_tokens_per_s": round(compiled_tps, 1),
+            "compiled_speedup_vs_hf": round(compiled_tps / hf_tps, 3),
+            "greedy_tokens_compiled_match_eager": run_ours(compiled, [prompt], n)[0][0] == ours_tokens[0],
+            "compile_off": compiled.runner.compiled.disabled if compiled.runner.compiled is not None else True})
     streams = [[rng.randrange(vocab) for _ in range(PROMPT_LEN)] for _ in range(16)]
     _, times16, total16 = run_ours(engine, streams, n)
     _, _, total1 = run_ours(engine, streams[:1], n)
@@ -337,6 +350,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="32 new tokens, 2 rounds (a smoke run)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time our compiled decode step (LLMEngine(compile=True)), one stream")
     parser.add_argument("--llamacpp", action="store_true", help="compare with llama.cpp (llama-cpp-python) instead")
     parser.add_argument("--chunked_prefill", nargs="*", type=int, default=None, metavar="CHUNK",
                         help="instead: ITL of 8 streams on B while a 2,000-token prompt arrives, per chunk size")
@@ -368,7 +383,8 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.configs:
-            report["configs"][name] = bench_config(name, Path(tmp), args.new_tokens, args.rounds, bandwidth)
+            report["configs"][name] = bench_config(name, Path(tmp), args.new_tokens, args.rounds, bandwidth,
+                                                   args.compile)
         if "A" in args.configs:
             report["kv_memory_mixed_workload"] = kv_memory_workload(Path(tmp), args.quick)
     report["mla_cache"] = mla_cache_bytes()

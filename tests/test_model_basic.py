@@ -215,3 +215,27 @@ def test_every_preset_builds_on_meta() -> None:
             model = Transformer(get_preset(name))
         assert count_params(model)["total"] > 0
     assert 45e6 < count_params(get_preset("llama-50m"))["total"] < 55e6
+
+
+# ---------------------------------------------------------------------------- attention kernel paths
+@pytest.mark.parametrize("n_heads,n_kv", [(8, 2), (4, 1), (6, 3)])
+def test_decode_attention_with_shared_kv_heads_equals_repeated_kv(n_heads: int, n_kv: int) -> None:
+    """`attend` folds the query heads of a kv group into query rows at T = 1 (GQA / MQA / absorbed
+    MLA decoding); the result must equal plain attention over K/V repeated per head, with a
+    per-row padding mask as the paged engine builds it."""
+    from model.attention import attend
+
+    torch.manual_seed(0)
+    batch, seq, d, dv = 3, 7, 16, 12
+    q = torch.randn(batch, n_heads, 1, d)
+    k, v = torch.randn(batch, n_kv, seq, d), torch.randn(batch, n_kv, seq, dv)
+    lengths = torch.tensor([7, 4, 1])
+    mask = (torch.arange(seq)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    group = n_heads // n_kv
+    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, .)
+    scores = (q @ k_rep.transpose(-1, -2)) * 0.3  # (B, H, 1, S)
+    expected = scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v_rep  # (B, H, 1, dv)
+    out = attend(q, k, v, 0.3, mask)
+    assert out.shape == (batch, n_heads, 1, dv)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(attend(q, k, v, 0.3), (scores.softmax(-1) @ v_rep), atol=1e-6, rtol=1e-5)
