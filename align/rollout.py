@@ -241,8 +241,9 @@ class RolloutSource:
 
     def _grouped_samples(self, n_global: int) -> tuple[list[Sample], Tensor, dict[str, Tensor], dict[str, float]]:
         """The rollout's samples; with dynamic sampling, groups with zero reward variance are
-        replaced by groups of later prompts (up to ``max_refills`` extra prompt batches; if still
-        short, zero-variance groups fill the batch so every rank keeps its size)."""
+        replaced by groups of later prompts (up to ``max_refills`` refills, each as many prompts as
+        the shortfall needs at the share kept so far; if still short, zero-variance groups fill the
+        batch so every rank keeps its size)."""
         rl, G = self.rl, self.rl.group_size
         samples, rewards, parts = self._sample(n_global, G, "train")
         if not rl.dynamic_sampling:
@@ -253,8 +254,8 @@ class RolloutSource:
         dropped = total_groups = int(keep.numel())
         dropped -= int(keep.sum())
         refills = 0
-        while refills < rl.max_refills and self._global_min(sum(int(p[3].sum()) for p in pool)) < want:
-            s, r, p = self._sample(n_global, G, f"refill{refills}")
+        while refills < rl.max_refills and (kept := self._global_min(sum(int(p[3].sum()) for p in pool))) < want:
+            s, r, p = self._sample(self._refill_size(want - kept, pool, n_global), G, f"refill{refills}")
             k = ~zero_variance_groups(r, G)
             pool.append((s, r, p, k))
             total_groups += int(k.numel())
@@ -273,6 +274,16 @@ class RolloutSource:
         stats.update({"dynamic/dropped_groups_frac": float(counts[0] / counts[1]),
                       "dynamic/refills": float(counts[2] / self.dist.world_size)})
         return out_s, out_r, out_p, stats
+
+    def _refill_size(self, short: int, pool: list, n_global: int) -> int:
+        """Prompts (all ranks) of the next refill: enough for the most short rank at the share of
+        groups kept so far (over every rank, so all ranks agree), a whole number per rank, at most
+        one full prompt batch. A refill of the full batch would throw most of its groups away."""
+        counts = all_reduce_sum(torch.tensor([sum(int(p[3].sum()) for p in pool), sum(p[3].numel() for p in pool)],
+                                             dtype=torch.float64))
+        per_rank = math.ceil(short / max(float(counts[0] / counts[1]), 0.1))
+        world = self.dist.world_size
+        return min(per_rank * world, math.ceil(n_global / world) * world)
 
     def _global_min(self, value: int) -> int:
         """The smallest value over ranks (every rank refills as long as any rank is short)."""

@@ -169,6 +169,26 @@ def _trace(run: Path) -> list[tuple]:
     return [(r["step"], r["loss"], r.get("reward"), r["grad_norm"]) for r in train_records(run)]
 
 
+def test_dynamic_sampling_refills_what_the_shortfall_needs() -> None:
+    """A refill asks for ceil(short / share of groups kept so far) prompts per rank, a whole
+    number per rank, at most one prompt batch (the share floored at 0.1)."""
+    from align.rollout import RolloutSource
+    from trainer.distributed import DistInfo
+
+    src = RolloutSource.__new__(RolloutSource)
+    src.dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_distributed=False)
+    pool = [(None, None, None, torch.tensor([True] * 10 + [False] * 6))]  # 10 of 16 groups kept
+    assert src._refill_size(6, pool, 16) == 10  # 6 / 0.625 = 9.6
+    assert src._refill_size(1, pool, 16) == 2  # 1.6
+    assert src._refill_size(6, pool * 2, 16) == 10  # the share over the whole pool
+    nothing = [(None, None, None, torch.zeros(16, dtype=torch.bool))]
+    assert src._refill_size(16, nothing, 16) == 16  # 160 wanted: one batch at most
+    assert src._refill_size(1, nothing, 16) == 10  # 1 / 0.1
+    src.dist = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_distributed=False)
+    assert src._refill_size(3, pool, 16) == 10  # 5 per rank
+    assert src._refill_size(6, pool, 16) == 16 and src._refill_size(6, pool, 7) == 8  # at most 8 per rank
+
+
 def test_resume_mid_rollout_is_exact(env: RLEnv, tmp_path: Path) -> None:
     rl = {"num_iterations": 2, "beta": 0.05}
     training = {"max_steps": 5, "eval_interval": 5}
