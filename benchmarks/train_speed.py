@@ -2,7 +2,9 @@
 
 One step = forward + cross-entropy + backward + AdamW step, on the same config, the same
 weights (copied through `model.hf.state_dict_to_hf`), the same random batch and the same
-optimizer (`trainer.optim.build_optimizer`, AdamW: fused on CUDA, foreach elsewhere).
+optimizer (`trainer.optim.build_optimizer`, AdamW: fused on CPU and CUDA). Each side
+computes the loss as its own training does: ours through the trainer's `causal_lm_loss` (head
+and cross-entropy fused, `model.linear_ce`), transformers' from its (B, T, V) logits.
 Hugging Face runs with ``attn_implementation="sdpa"``. Both run eager and compiled: ours as
 ``training.compile`` compiles it (`trainer.compile.compile_blocks`: block by block, the MoE
 dispatch eager), Hugging Face's whole model under `torch.compile` (no numbers, with a warning,
@@ -48,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.hf_twin import hf_twin  # noqa: E402
 from model import build_model, flops_per_token, get_preset  # noqa: E402
 from trainer.compile import compile_blocks  # noqa: E402
+from trainer.losses import causal_lm_loss  # noqa: E402
 from trainer.metrics import mfu, peak_flops  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 from utils.config import TrainingConfig  # noqa: E402
@@ -64,15 +67,33 @@ def sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def make_step(model: nn.Module, forward: Callable, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor):
-    """A closure running one training step; returns the loss (a tensor)."""
+def logits_loss(forward: Callable) -> Callable:
+    """Mean next-token cross-entropy of ``forward(inputs)``'s logits (B, T, V): how a
+    `transformers` model is trained (its ``labels=`` loss is this, in fp32)."""
+    def loss_fn(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = forward(inputs)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    return loss_fn
+
+
+def trainer_loss(model: nn.Module) -> Callable:
+    """Our pretraining loss as the trainer computes it (`trainer.losses.causal_lm_loss`: the head
+    and cross-entropy fused chunk by chunk, no (B, T, V) logits), as a mean."""
+    def loss_fn(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = causal_lm_loss(model, {"input_ids": inputs, "labels": targets})
+        return out.loss_sum / out.n_tokens
+    return loss_fn
+
+
+def make_step(model: nn.Module, loss_fn: Callable, device: torch.device, dtype: torch.dtype, tokens: torch.Tensor):
+    """A closure running one training step (``loss_fn(inputs, targets)`` → mean loss, backward,
+    AdamW step); returns the loss (a tensor)."""
     opt = build_optimizer(model, TrainingConfig(optimizer="adamw", learning_rate=1e-4, weight_decay=0.1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> torch.Tensor:
         with autocast_context(device, dtype):
-            logits = forward(inputs)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss = loss_fn(inputs, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -122,11 +143,11 @@ def bench_config(name: str, modes: list[str], device: torch.device, dtype: torch
         fresh.load_state_dict(ours.state_dict())
         if mode == "compiled":
             compile_blocks(fresh)  # what training.compile does
-        steps["ours"] = make_step(fresh, fresh, device, dtype, tokens)
+        steps["ours"] = make_step(fresh, trainer_loss(fresh), device, dtype, tokens)
         for label, experts in refs.items():
             twin = hf_twin(cfg, ours, device, experts or "grouped_mm")
             runner = torch.compile(twin) if mode == "compiled" else twin
-            steps[label] = make_step(twin, lambda x, m=runner: m(x).logits, device, dtype, tokens)
+            steps[label] = make_step(twin, logits_loss(lambda x, m=runner: m(x).logits), device, dtype, tokens)
         try:
             secs = time_interleaved(steps, device, warmup, iters)
         except Exception as e:  # compile needs a working backend (C++ compiler, triton, ...)

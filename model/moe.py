@@ -90,6 +90,13 @@ def seq_aux_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> t
     return alpha * (f * p).sum(dim=-1).mean()
 
 
+def expert_counts(experts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """(E,) int64 count of each expert id in ``experts`` (any shape). Unlike ``bincount``, the
+    output length does not depend on the data, so torch.compile keeps it in the graph."""
+    flat = experts.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
 # ---------------------------------------------------------------------------- modules
 class Router(nn.Module):
     """Linear router ``weight`` (E, dim) and the balancing buffer ``e_score_correction_bias`` (E,)."""
@@ -163,8 +170,10 @@ class StackedExperts(nn.Module):
         flat_expert = indices.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat_expert, stable=True)  # slots grouped by expert
         token_of_slot = order // top_k  # (N*k,) source token of each sorted slot
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)  # (E,)
-        xs = x[token_of_slot]  # (N*k, D) tokens in expert order
+        counts = expert_counts(flat_expert, self.n_experts)  # (E,)
+        # index_select, not x[token_of_slot]: its backward is an index_add (~15x faster on CPU
+        # than the accumulating index_put that advanced indexing's backward runs)
+        xs = x.index_select(0, token_of_slot)  # (N*k, D) tokens in expert order
         if self.grouped_gemm and grouped_mm_supported(xs, self.up_proj):
             ys = self.grouped(xs, counts)
         else:  # one GEMM per expert that received tokens
@@ -174,7 +183,7 @@ class StackedExperts(nn.Module):
                     outs.append(self.expert(mats, xs[start : start + n]))
                     start += n
             ys = torch.cat(outs)
-        ys = ys * weights.reshape(-1)[order].unsqueeze(-1)  # (N*k, D), fp32 gate weights
+        ys = ys * weights.reshape(-1).index_select(0, order).unsqueeze(-1)  # (N*k, D), fp32 gate weights
         out = torch.zeros_like(x)  # (N, D)
         return out.index_add_(0, token_of_slot, ys.to(x.dtype))
 
@@ -235,7 +244,7 @@ class MoE(nn.Module):
             with torch.no_grad():
                 if self.tokens_per_expert.device != indices.device:
                     self.tokens_per_expert = self.tokens_per_expert.to(indices.device)
-                self.tokens_per_expert += torch.bincount(indices.reshape(-1), minlength=self.moe.n_routed_experts)
+                self.tokens_per_expert += expert_counts(indices, self.moe.n_routed_experts)
             if self.moe.seq_aux_loss_alpha > 0:
                 self.aux_loss = seq_aux_loss(
                     scores.view(batch, seq_len, -1), indices.view(batch, seq_len, -1), self.moe.seq_aux_loss_alpha

@@ -27,6 +27,7 @@ from model.cache import KVCache
 from model.config import ModelConfig
 from model.ffn import FeedForward
 from model.linear_attention import LinearAttention
+from model.linear_ce import linear_cross_entropy
 from model.mamba2 import MambaBlock
 from model.mla import MLA
 from model.moe import MoE, moe_aux_loss
@@ -177,17 +178,33 @@ class Transformer(nn.Module):
         cache: Optional[KVCache] = None,
         doc_ids: Optional[torch.Tensor] = None,
         keep: Optional[torch.Tensor] = None,
+        labels: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V). See `forward_hidden` for the arguments.
 
         ``keep`` (B, T) bool: logits only where it is True, flattened in row-major order (N, V).
         Objectives that score a few positions (the responses of RL and preference training)
         skip the (T, V) head and its softmax everywhere else.
+
+        ``labels`` (B, T): instead of logits, the summed next-token cross-entropy over the
+        labels that are not -100, a fp32 scalar (`head_cross_entropy`: no (B, T, V) logits).
         """
         h = self.forward_hidden(tokens, positions, cache, doc_ids)  # (B, T, D)
+        if labels is not None:
+            return self.head_cross_entropy(self.norm(h), labels)
         if keep is not None:
             h = h[keep]  # (N, D)
         return self.head(self.norm(h))
+
+    def head_cross_entropy(self, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of `head` (normalised hidden h (..., D)) against labels (...), -100
+        ignored, fp32. A plain (or tied) head goes through `model.linear_ce.linear_cross_entropy`,
+        which never holds the (N, V) logits; a wrapped head (LoRA, 4-bit) computes them."""
+        if self.lm_head is None or type(self.lm_head) is nn.Linear:
+            weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            return linear_cross_entropy(h, weight, labels, softcap=self.cfg.final_logit_softcap)
+        logits = self.head(h).float()  # (..., V)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum")
 
     def mtp_logits(
         self,
@@ -202,6 +219,17 @@ class Transformer(nn.Module):
         (B, T - k, V): row i predicts token t_{i+k+1}, so it lines up with ``labels[:, k:]``
         when ``labels[:, i]`` = t_{i+1}.
         """
+        return [self.head(h) for h in self.mtp_hidden(hidden, tokens, positions, doc_ids)]
+
+    def mtp_hidden(
+        self,
+        hidden: torch.Tensor,
+        tokens: torch.Tensor,
+        positions: Optional[torch.Tensor] = None,
+        doc_ids: Optional[torch.Tensor] = None,
+    ) -> list[torch.Tensor]:
+        """The normalised hidden states (B, T - k, D) of each MTP depth k, before the shared head
+        (`mtp_logits`; training scores them with `head_cross_entropy`)."""
         if positions is None:
             positions = self.default_positions(tokens, None, doc_ids)
         seq_len = tokens.shape[1]
@@ -213,7 +241,7 @@ class Transformer(nn.Module):
             docs = None if doc_ids is None else doc_ids[:, :n]
             rope = self.rope_tables(pos, hidden.dtype)[module.block.layer_type]
             h = module(h[:, :n], self.embed_tokens(tokens[:, k:]), rope, pos, docs)  # (B, T - k, D)
-            outs.append(self.head(module.norm(h)))
+            outs.append(module.norm(h))
         return outs
 
     # ------------------------------------------------------------------ helpers

@@ -205,7 +205,8 @@ def test_two_process_ddp_equals_one_process(env: AlignEnv, tmp_path: Path) -> No
         assert proc.returncode == 0, proc.stderr[-3000:]
         torchrun(script, ["--config_path", str(config), *two])
         a, b = train_losses(run_dir(tmp_path, f"{method}1")), train_losses(run_dir(tmp_path, f"{method}2"))
-        assert len(a) == 4 and a == pytest.approx(b, abs=1e-5)
+        # float-level: DDP averages the gradients in another order, and Adam steps near-zero entries by ~lr
+        assert len(a) == 4 and a == pytest.approx(b, rel=1e-4)
         va, vb = val_records(run_dir(tmp_path, f"{method}1")), val_records(run_dir(tmp_path, f"{method}2"))
         same_pairs_other_batching = pytest.approx([r["val_loss"] for r in vb], rel=1e-4)
         assert va and [r["val_loss"] for r in va] == same_pairs_other_batching

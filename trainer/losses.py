@@ -157,17 +157,24 @@ def causal_lm_loss(model: torch.nn.Module, batch: Batch) -> LossOutput:
     base = unwrap(model)
     positions, doc_ids = batch.get("position_ids"), batch.get("doc_ids")
     capture = _hidden_capture(base) if _mtp_depth(base) > 0 else None
-    logits = model(batch["input_ids"], positions=positions, doc_ids=doc_ids)  # (B, T, V)
-    ce_sum, n = cross_entropy_sum(logits, batch["labels"])
+    labels = batch["labels"]
+    fused = hasattr(base, "head_cross_entropy")  # our Transformer: the loss without (B, T, V) logits
+    if fused:
+        ce_sum = model(batch["input_ids"], positions=positions, doc_ids=doc_ids, labels=labels)  # ()
+        n = count_targets(batch)
+    else:
+        logits = model(batch["input_ids"], positions=positions, doc_ids=doc_ids)  # (B, T, V)
+        ce_sum, n = cross_entropy_sum(logits, labels)
     out = LossOutput(loss_sum=ce_sum, n_tokens=n, sums={"ce": ce_sum.detach()})
     if capture is not None:
         hidden, capture.hidden = capture.hidden, None  # (B, T, D)
-        mtp = base.mtp_logits(hidden, batch["input_ids"], positions=positions, doc_ids=doc_ids)
-        weight = base.cfg.mtp_loss_weight / len(mtp)
-        for k, (ce_k, n_k) in enumerate(mtp_depth_losses(mtp, batch["labels"], doc_ids), start=1):
+        weight = base.cfg.mtp_loss_weight / _mtp_depth(base)
+        for k, h_k in enumerate(base.mtp_hidden(hidden, batch["input_ids"], positions=positions, doc_ids=doc_ids), 1):
+            targets = mtp_targets(labels, doc_ids, k)  # (B, T - k)
+            ce_k = base.head_cross_entropy(h_k, targets)
             out.terms[f"mtp/{k}"] = weight * ce_k
             out.sums[f"mtp/{k}"] = ce_k.detach()
-            out.term_counts[f"mtp/{k}"] = n_k
+            out.term_counts[f"mtp/{k}"] = count_targets({"labels": targets})
     out.aux_loss = model_aux_loss(base)
     return out
 
