@@ -163,9 +163,29 @@ class StackedExperts(nn.Module):
         h = self.act(_grouped_mm(xs, self.gate_proj.transpose(1, 2), offs)) * up if self.is_glu else self.act(up)
         return _grouped_mm(h, self.down_proj.transpose(1, 2), offs)  # (n, D)
 
-    @torch.compiler.disable  # data-dependent group sizes: compiled, every new split would be a new graph
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         # x: (N, D), weights/indices: (N, k) → (N, D)
+        if self.grouped_gemm and not torch.is_grad_enabled() and indices.numel() <= self.n_experts:
+            return self.gathered(x, weights, indices)
+        return self.dispatch(x, weights, indices)
+
+    def gathered(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Few tokens (decoding): each (token, slot) pair gathers its expert's matrices and runs
+        as one batched matmul per projection. It reads no more weights than the experts hold
+        (N*k ≤ E), needs no sort, and every shape is static, so a compiled decode step keeps it
+        in its graph. x (N, D), weights/indices (N, k) → (N, D)."""
+        n_tokens, top_k = indices.shape
+        flat = indices.reshape(-1)  # (N*k,)
+        xs = x.unsqueeze(1).expand(n_tokens, top_k, x.shape[-1]).reshape(-1, 1, x.shape[-1])  # (N*k, 1, D)
+        up = torch.bmm(xs, self.up_proj[flat].transpose(1, 2))  # (N*k, 1, H)
+        h = self.act(torch.bmm(xs, self.gate_proj[flat].transpose(1, 2))) * up if self.is_glu else self.act(up)
+        ys = torch.bmm(h, self.down_proj[flat].transpose(1, 2)).view(n_tokens, top_k, -1)  # (N, k, D)
+        return (ys * weights.unsqueeze(-1)).sum(dim=1).to(x.dtype)  # fp32 gate weights
+
+    @torch.compiler.disable  # data-dependent group sizes: compiled, every new split would be a new graph
+    def dispatch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Tokens sorted by expert, each expert's rows one group of a grouped GEMM (or one GEMM
+        per expert), scattered back weighted. x (N, D), weights/indices (N, k) → (N, D)."""
         top_k = indices.shape[1]
         flat_expert = indices.reshape(-1)  # (N*k,) expert of each (token, slot)
         order = torch.argsort(flat_expert, stable=True)  # slots grouped by expert

@@ -101,6 +101,28 @@ def test_vectorised_dispatch_equals_per_token_loop():
     torch.testing.assert_close(out, ref)
 
 
+def test_decode_gathered_experts_equal_the_per_token_loop():
+    """Without gradients and with N*k <= E slots (decoding), each slot gathers its expert's
+    matrices (`StackedExperts.gathered`, static shapes for a compiled decode step); same result."""
+    torch.manual_seed(0)
+    moe = MoE(_cfg()).double().eval()
+    x = torch.randn(1, 4, 16, dtype=torch.float64)  # 4 tokens x top-2 = 8 slots = E
+    calls = []
+    moe.experts.dispatch = lambda *a: calls.append("dispatch") or type(moe.experts).dispatch(moe.experts, *a)
+    with torch.no_grad():
+        out = moe(x)
+        assert calls == []  # the gathered path ran
+        flat = x.reshape(-1, 16)
+        weights, indices, _ = moe.gate(flat)
+        ref = torch.zeros_like(flat)
+        for t in range(flat.shape[0]):
+            for j in range(indices.shape[1]):
+                ref[t] += weights[t, j] * _expert_by_hand(moe, int(indices[t, j]), flat[t : t + 1])[0]
+        torch.testing.assert_close(out, ref.view_as(x) + moe.shared_experts(x))
+        moe(torch.randn(1, 5, 16, dtype=torch.float64))  # 10 slots > E: the sorted dispatch
+        assert calls == ["dispatch"]
+
+
 def test_grouped_gemm_equals_the_per_expert_loop():
     """fp32 on CPU takes torch's grouped GEMM; outputs and every gradient equal the loop's,
     with an expert that receives no token (an empty group)."""
