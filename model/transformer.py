@@ -200,7 +200,7 @@ class Transformer(nn.Module):
         """Summed cross-entropy of `head` (normalised hidden h (..., D)) against labels (...), -100
         ignored, fp32. A plain (or tied) head goes through `model.linear_ce.linear_cross_entropy`,
         which never holds the (N, V) logits; a wrapped head (LoRA, 4-bit) computes them."""
-        if self.lm_head is None or type(self.lm_head) is nn.Linear:
+        if self.lm_head is None or (type(self.lm_head) is nn.Linear and self.lm_head.bias is None):
             weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
             return linear_cross_entropy(h, weight, labels, softcap=self.cfg.final_logit_softcap)
         logits = self.head(h).float()  # (..., V)
