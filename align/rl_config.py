@@ -8,12 +8,15 @@
       prompts: data/prompts/rl_prompts.jsonl     # default <data_dir>/prompts/rl_prompts.jsonl
       val_prompts: 64                            # the file's last N prompts: held out, never trained on
                                                  # (their mean reward every training.eval_interval steps)
+      val_samples: 1                             # samples per held-out prompt (temperature as sampling)
       prompts_per_step: 8                        # prompts of one rollout, all ranks together
       group_size: 8                              # G samples per prompt (rft: k)
       sampling: {temperature, top_p, top_k, max_new_tokens, stop}
       rewards: [{type: verifiable, weight: 1.0}, {type: format, weight: 0.1}, ...]   (align.rewards)
+      share_prompts: true                        # training forward: a prompt once, then its completions
       grpo / gspo: scale_rewards, epsilon, epsilon_high, beta, num_iterations, loss_aggregation,
-                   dynamic_sampling, max_refills, mask_truncated_completions, reference
+                   dynamic_sampling, max_refills, mask_truncated_completions, reference,
+                   skip_zero_variance
       ppo:         gamma, lam, kl_coef, kl_penalty, whiten_advantages, vf_coef, cliprange_value,
                    ppo_epochs, num_minibatches, value_model, epsilon, reference
       rft:         steps_per_round, min_reward
@@ -40,11 +43,11 @@ ALGORITHMS = ("grpo", "gspo", "ppo", "rft")
 ALGO_KEYS: dict[str, dict[str, object]] = {
     "grpo": {"scale_rewards": "group", "epsilon": 0.2, "epsilon_high": None, "beta": 0.0, "num_iterations": 1,
              "loss_aggregation": "token_mean", "dynamic_sampling": False, "max_refills": 4,
-             "mask_truncated_completions": False, "reference": "auto"},
+             "mask_truncated_completions": False, "reference": "auto", "skip_zero_variance": 0.0},
     # GSPO (Zheng et al. 2025, §5): sequence-level ratios need a far smaller clip range, 3e-4 / 4e-4
     "gspo": {"scale_rewards": "group", "epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.0, "num_iterations": 1,
              "loss_aggregation": "sequence_mean", "dynamic_sampling": False, "max_refills": 4,
-             "mask_truncated_completions": False, "reference": "auto"},
+             "mask_truncated_completions": False, "reference": "auto", "skip_zero_variance": 0.0},
     "ppo": {"gamma": 1.0, "lam": 0.95, "kl_coef": 0.05, "kl_penalty": "reward", "whiten_advantages": True,
             "vf_coef": 0.1, "cliprange_value": 0.2, "ppo_epochs": 2, "num_minibatches": 1, "value_model": None,
             "epsilon": 0.2, "reference": "auto"},
@@ -66,11 +69,15 @@ class RLSection(Section):
     algorithm: Literal[ALGORITHMS] = "grpo"
     prompts: Optional[RepoPath] = None  # None → <data_dir>/prompts/rl_prompts.jsonl
     val_prompts: NonNegativeInt = 64
+    val_samples: PositiveInt = 1  # samples per held-out prompt (the held-out reward is their mean)
     prompts_per_step: PositiveInt = 8
     group_size: PositiveInt = 8
     sampling: SamplingSection = Field(default_factory=SamplingSection)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(type="verifiable")], min_length=1)
     kv_cache_memory_mb: Optional[PositiveFloat] = None  # rollout KV pool (None: the engine's default)
+    # the training forward lays each prompt out once, followed by its G completions (they attend to it
+    # as a shared prefix): exact, and G-fold less prompt compute (grpo, gspo, ppo); false: one row per sample
+    share_prompts: bool = True
     # grpo / gspo
     scale_rewards: Optional[Literal["group", "batch", "none"]] = None
     epsilon: Optional[PositiveFloat] = None
@@ -80,6 +87,9 @@ class RLSection(Section):
     loss_aggregation: Optional[Literal["token_mean", "sequence_mean", "dr_grpo"]] = None
     dynamic_sampling: Optional[bool] = None  # DAPO: drop groups whose rewards are all equal, refill
     max_refills: Optional[NonNegativeInt] = None  # extra prompt batches tried per rollout when dropping
+    # selective rollouts (GRESO, Zheng et al. 2025): a prompt whose last z groups all had equal rewards
+    # (no gradient) is passed over with probability 1 - (1 - s)^z; 0 = every prompt in turn
+    skip_zero_variance: Optional[float] = Field(None, ge=0.0, lt=1.0)
     mask_truncated_completions: Optional[bool] = None  # DAPO overlong filtering: cut-off samples get no gradient
     reference: Optional[Literal["auto", "frozen", "adapters_off"]] = None
     # ppo
@@ -100,8 +110,8 @@ class RLSection(Section):
     @model_validator(mode="after")
     def _algorithm_keys(self) -> "RLSection":
         own = ALGO_KEYS[self.algorithm]
-        common = {"algorithm", "prompts", "val_prompts", "prompts_per_step", "group_size",
-                  "sampling", "rewards", "kv_cache_memory_mb"}
+        common = {"algorithm", "prompts", "val_prompts", "val_samples", "prompts_per_step", "group_size",
+                  "sampling", "rewards", "kv_cache_memory_mb", "share_prompts"}
         for key in sorted(self.model_fields_set - common):
             if key not in own and getattr(self, key) is not None:
                 users = [a for a, keys in ALGO_KEYS.items() if key in keys]

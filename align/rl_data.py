@@ -7,10 +7,13 @@ user turn of a conversation in the one chat template; ``prompt`` may also be a l
 messages ending with a user message. The file's last ``rl.val_prompts`` prompts are held out:
 never trained on, they measure the held-out reward.
 
-A rollout batch is right-padded ``prompt + completion`` rows. Per-token tensors live in
-*target* space (B, T-1): column t describes token t+1 as predicted from position t, so
-``mask[:, t]`` is 1 where token t+1 was generated (the completion, its end-of-turn token
-included) and the log-prob tensors line up with ``logits[:, :-1]``.
+A rollout batch lives in *completion* space: per-sample tensors (S, L), column t being the
+t-th generated token of sample s (``completion``, its ``mask``, log-probs, advantages). The
+training forward's input is packed separately for each micro-batch (`pack_rows`): with
+``share_prompts`` one row per prompt, the prompt once and then each of its completions as a
+document that sees the prompt (`model.positions.SHARED_PREFIX`); otherwise one right-padded
+``prompt + completion`` row per sample. ``src`` (S, L) names the position of the packed rows
+whose hidden state predicts each completion token, so both layouts give the same log-probs.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 from data_pipeline.chat import ChatTokenizer, check_messages, encode_prompt
 from data_pipeline.download.sources import iter_jsonl
 from data_pipeline.loader import IGNORE_INDEX
+from model.positions import SHARED_PREFIX
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -112,40 +116,71 @@ class Sample:
     finish_reason: Optional[str]
 
 
-def collate(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows ``prompt + completion``, right-padded: ``input_ids`` (B, T) and the completion
-    ``mask`` (B, T-1) in target space, plus ``completion_len`` (B,) and ``truncated`` (B,) (the
+def completion_batch(samples: list[Sample]) -> dict[str, torch.Tensor]:
+    """The sample-space tensors of a rollout: ``completion`` (S, L) token ids (0-padded),
+    ``mask`` (S, L) 1 on generated tokens, ``completion_len`` (S,) and ``truncated`` (S,) (the
     completion hit max_new_tokens: no end of turn)."""
-    rows = [s.prompt.ids + s.completion_ids for s in samples]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
-    mask = torch.zeros((len(rows), width - 1), dtype=torch.float32)  # (B, T-1)
-    for b, (s, row) in enumerate(zip(samples, rows)):
-        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
-        start = len(s.prompt.ids) - 1  # target column of the first completion token
-        mask[b, start:start + len(s.completion_ids)] = 1.0
+    width = max([len(s.completion_ids) for s in samples] + [1])
+    completion = torch.zeros((len(samples), width), dtype=torch.long)  # (S, L)
+    mask = torch.zeros((len(samples), width), dtype=torch.float32)  # (S, L)
+    for i, s in enumerate(samples):
+        completion[i, :len(s.completion_ids)] = torch.tensor(s.completion_ids, dtype=torch.long)
+        mask[i, :len(s.completion_ids)] = 1.0
     lengths = torch.tensor([len(s.completion_ids) for s in samples], dtype=torch.long)
     truncated = torch.tensor([s.finish_reason == "length" for s in samples], dtype=torch.bool)
-    return {"input_ids": ids, "mask": mask, "completion_len": lengths, "truncated": truncated}
+    return {"completion": completion, "mask": mask, "completion_len": lengths, "truncated": truncated}
+
+
+def pack_rows(samples: list[Sample], pad_id: int, share_prompts: bool) -> dict[str, torch.Tensor]:
+    """The training forward's input for these samples (see the module docstring).
+
+    ``share_prompts``: one row per distinct prompt (in order of first appearance), laid out
+    ``prompt | c_1 | c_2 | ...`` with ``doc_ids`` (-1 on the prompt, j on c_j, 0 on padding) and
+    ``positions`` (c_j continues after the prompt; padding at 0). Otherwise one row per sample,
+    ``prompt + completion``, right-padded. Both: ``input_ids`` (R, W) and ``src`` (S, L), the
+    flat index r·W + t of the position predicting completion token l of sample s (0 beyond it).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(tuple(s.prompt.ids) if share_prompts else (i,), []).append(i)
+    rows = list(groups.values())
+    widths = [len(samples[m[0]].prompt.ids) + sum(len(samples[i].completion_ids) for i in m) for m in rows]
+    width = max(widths)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (R, W)
+    doc_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, W)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)  # (R, W)
+    src = torch.zeros((len(samples), max([len(s.completion_ids) for s in samples] + [1])), dtype=torch.long)
+    for r, members in enumerate(rows):
+        prompt = samples[members[0]].prompt.ids
+        n = len(prompt)
+        ids[r, :n] = torch.tensor(prompt, dtype=torch.long)
+        doc_ids[r, :n] = SHARED_PREFIX
+        positions[r, :n] = torch.arange(n)
+        at = n
+        for j, i in enumerate(members, 1):
+            c = samples[i].completion_ids
+            ids[r, at:at + len(c)] = torch.tensor(c, dtype=torch.long)
+            doc_ids[r, at:at + len(c)] = j
+            positions[r, at:at + len(c)] = torch.arange(n, n + len(c))
+            # token 0 is predicted by the prompt's last position, token l > 0 by token l - 1
+            src[i, :len(c)] = r * width + torch.tensor([n - 1] + list(range(at, at + len(c) - 1)), dtype=torch.long)
+            at += len(c)
+    out = {"input_ids": ids, "src": src}
+    if share_prompts:
+        out.update(doc_ids=doc_ids, positions=positions)
+    return out
 
 
 def sft_rows(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rejection-sampling fine-tuning rows: ``input_ids`` (B, T) and ``labels`` (B, T) holding the
-    next token on completion positions and IGNORE_INDEX elsewhere (the SFT loss's format)."""
-    batch = collate(samples, pad_id)
-    ids, mask = batch["input_ids"], batch["mask"]
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, :-1] = torch.where(mask.bool(), ids[:, 1:], IGNORE_INDEX)
+    """Rejection-sampling fine-tuning rows ``prompt + completion``, right-padded: ``input_ids``
+    (B, T) and ``labels`` (B, T) holding the next token on completion positions and
+    IGNORE_INDEX elsewhere (the SFT loss's format)."""
+    rows = [s.prompt.ids + s.completion_ids for s in samples]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+    for b, (s, row) in enumerate(zip(samples, rows)):
+        ids[b, :len(row)] = torch.tensor(row, dtype=torch.long)
+        start = len(s.prompt.ids) - 1  # the position predicting the first completion token
+        labels[b, start:start + len(s.completion_ids)] = torch.tensor(s.completion_ids, dtype=torch.long)
     return {"input_ids": ids, "labels": labels}
-
-
-def slice_batch(batch: dict[str, torch.Tensor], index: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The rows ``index`` of every tensor, trimmed to the longest row's width (padding columns
-    that no row uses are dropped, so a micro-batch pays only for its own length)."""
-    out = {k: v[index] for k, v in batch.items()}
-    if "mask" in out:
-        used = out["mask"].sum(0).nonzero()
-        width = int(used.max()) + 2 if used.numel() else 2  # target column t covers token t + 1
-        out = {k: (v[:, :width] if k == "input_ids" else v[:, :width - 1] if v.dim() == 2 else v)
-               for k, v in out.items()}
-    return out

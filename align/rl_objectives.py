@@ -35,9 +35,11 @@ class ActorCritic(nn.Module):
         super().__init__()
         self.policy, self.value = policy, value
 
-    def forward(self, tokens: Tensor, keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, keep: Optional[Tensor] = None, positions: Optional[Tensor] = None,
+                doc_ids: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
         """tokens (B, T) → (policy logits (B, T, V), or (N, V) at ``keep``; values (B, T))."""
-        return self.policy(tokens, keep=keep), self.value.token_rewards(tokens)
+        return (self.policy(tokens, keep=keep, positions=positions, doc_ids=doc_ids),
+                self.value.token_rewards(tokens, positions, doc_ids))
 
 
 def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -56,13 +58,13 @@ class PolicyGradientObjective:
 
     def __call__(self, model: nn.Module, batch: Batch) -> LossOutput:
         rl, mask = self.rl, batch["mask"]
-        logps, logits = completion_logps(model, batch["input_ids"], mask, rl.sampling.temperature)  # (B, T-1), (N, V)
+        logps, logits, rows = completion_logps(model, batch, rl.sampling.temperature)  # (S, L), (U, V), (N,)
         old = batch.get("old_logps", logps.detach())
         out = policy_loss(logps, old, batch["advantages"], mask, rl.epsilon, rl.epsilon_high, level=self.level,
                           ref_logps=batch.get("ref_logps"), beta=rl.beta)
         loss_sum, count = aggregate_loss(out.per_token, mask, rl.loss_aggregation, rl.sampling.max_new_tokens)
         with torch.no_grad():
-            entropy = token_entropy(logits.detach().float()[None] / rl.sampling.temperature).sum()
+            entropy = token_entropy(logits.detach().float()[None] / rl.sampling.temperature)[0][rows].sum()
             stats = {"entropy": entropy / mask.sum().clamp(min=1),
                      "clip_ratio/low": _masked_mean(out.clip_low.float(), mask),
                      "clip_ratio/high": _masked_mean(out.clip_high.float(), mask),
@@ -89,23 +91,23 @@ class PPOObjective:
         rl, mask = self.rl, batch["mask"]
         critic: dict[str, Tensor] = {}
 
-        def both(ids: Tensor, keep: Tensor) -> Tensor:  # one call of the ActorCritic (DDP's forward)
-            logits, critic["values"] = model(ids, keep=keep)
+        def both(ids: Tensor, keep: Tensor, **packed: Tensor) -> Tensor:  # one call of the ActorCritic (DDP's forward)
+            logits, critic["values"] = model(ids, keep=keep, **packed)
             return logits
 
-        logps, logits = completion_logps(both, batch["input_ids"], mask, rl.sampling.temperature)  # (B, T-1), (N, V)
-        values = critic["values"]  # (B, T)
+        logps, logits, rows = completion_logps(both, batch, rl.sampling.temperature)  # (S, L), (U, V), (N,)
+        # (S, L) the value of the state before each generated token: at the position predicting it
+        v = critic["values"].float().flatten()[batch["src"]]
         kl_loss = rl.kl_penalty == "loss" and "ref_logps" in batch
         out = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, rl.epsilon, None, level="token",
                           ref_logps=batch.get("ref_logps") if kl_loss else None,
                           beta=rl.kl_coef if kl_loss else 0.0)
-        v = values[:, :-1].float()  # (B, T-1) the value of the state before each generated token
         v_loss, v_clipped = value_loss(v, batch["old_values"], batch["returns"], mask, rl.cliprange_value)
         pg_sum = (out.per_token * mask).sum()
         vf_sum = (v_loss * mask).sum()
         count = mask.sum()
         with torch.no_grad():
-            entropy = token_entropy(logits.detach().float()[None] / rl.sampling.temperature)
+            entropy = token_entropy(logits.detach().float()[None] / rl.sampling.temperature)[0][rows]
             stats = {"pg_loss": pg_sum.detach(), "vf_loss": vf_sum.detach(),
                      "entropy": entropy.sum(),
                      "clip_ratio/region": ((out.clip_low | out.clip_high).float() * mask).sum(),
@@ -117,17 +119,16 @@ class PPOObjective:
                           aux_loss=model_aux_loss(model))
 
 
-def reference_logps_fn(model: nn.Module, temperature: float, batch_size: int, amp,
-                       adapters_off: bool = False):
-    """``batch -> (B, T-1)`` reference log-probs: a frozen copy, or the LoRA policy with its
+def reference_logps_fn(model: nn.Module, temperature: float, amp, adapters_off: bool = False):
+    """``micro-batches -> (S, L)`` reference log-probs: a frozen copy, or the LoRA policy with its
     adapters switched off (`model.lora.disable_adapters`, no second copy)."""
     from align.rollout import batched_logps
     from model.lora import disable_adapters
 
-    def reference(batch: Batch) -> Tensor:
+    def reference(micros: list[Batch]) -> Tensor:
         if adapters_off:
             with disable_adapters(model):
-                return batched_logps(model, batch, temperature, batch_size, amp)
-        return batched_logps(model, batch, temperature, batch_size, amp)
+                return batched_logps(model, micros, temperature, amp)
+        return batched_logps(model, micros, temperature, amp)
 
     return reference

@@ -7,8 +7,9 @@
 As every stage, this is data + loss + which parameters train, handed to `trainer.engine.Trainer`:
 the data is a `align.rollout.RolloutSource` (it samples from the live policy through the
 generation engine and scores with `align.rewards`), the losses are `align.rl_objectives`
-(pure math in `align.rl_losses`). Validation is the mean reward of one sample per held-out
-prompt (pass@1 with sampling for the verifiable reward; the same seeds at every evaluation),
+(pure math in `align.rl_losses`). Validation is the mean reward of ``rl.val_samples`` samples (1
+by default) per held-out prompt (pass@1 with sampling for the verifiable reward; the same seeds
+at every evaluation; its wall time is logged as ``time/val_s``),
 logged as ``val_reward`` with ``val_rewards/<name>`` per function; ``val_loss`` is its negative,
 so the "best" checkpoint is the one with the highest held-out reward.
 
@@ -29,6 +30,8 @@ loss.png, reward.png, checkpoints/.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,6 +88,14 @@ def prepare(cfg: RLConfig) -> tuple[BaseModelSource, str]:
     return source, method
 
 
+def shares_prompts(cfg: RLConfig) -> bool:
+    """Whether the training forward packs a prompt once with its completions (``rl.share_prompts``):
+    every layer must attend (a Mamba-2 scan cannot fork its state) and the sequence must not be
+    split across ranks (context parallelism)."""
+    return (cfg.rl.share_prompts and not cfg.model.has_mamba
+            and cfg.training.context_parallel == 1)
+
+
 def grad_accum_steps(cfg: RLConfig, world_size: int) -> int:
     """Micro-batches of ``training.batch_size`` sequences in one optimizer step on one rank."""
     rl = cfg.rl
@@ -115,10 +126,12 @@ class _RLMixin:
         return state
 
     def validate(self) -> dict[str, float]:
-        result = held_out_reward(self.rl_generator, self.rl_rewards, self.rl_val, self.dist, self.cfg.training.seed)
+        t0 = time.perf_counter()
+        result = held_out_reward(self.rl_generator, self.rl_rewards, self.rl_val, self.dist, self.cfg.training.seed,
+                                 self.cfg.rl.val_samples)
         self.last_val, self.last_val_step = result, self.step
         best = self.ckpt.is_best(result["val_loss"])
-        self._record({**result, "best": best})
+        self._record({**result, "best": best, "time/val_s": time.perf_counter() - t0})
         logger.info("step %d | held-out reward %.4f (%s)%s", self.step, result["val_reward"],
                     ", ".join(f"{k[len('val_rewards/'):]} {v:.3f}" for k, v in result.items()
                               if k.startswith("val_rewards/")), " (best)" if best else "")
@@ -134,15 +147,18 @@ class RLAdapterTrainer(_RLMixin, AdapterTrainer):
 
 
 def held_out_reward(generator: Generator, rewards: RewardFunctions, prompts: list, dist: DistInfo,
-                    seed: int) -> dict[str, float]:
-    """One sample per held-out prompt (this rank's share), the same seed for a prompt at every
-    evaluation; mean total reward, per function, and completion length over all ranks."""
+                    seed: int, samples_per_prompt: int = 1) -> dict[str, float]:
+    """``samples_per_prompt`` samples of each held-out prompt (this rank's share), the same seeds
+    for a prompt at every evaluation; mean total reward, per function, and completion length
+    over all ranks and samples."""
     mine = [p for k, p in enumerate(prompts) if k % dist.world_size == dist.rank]
     names = rewards.names
     sums = torch.zeros(3 + len(names), dtype=torch.float64)
     if mine:
-        groups = generator.generate(mine, 1, [[request_seed(seed, "val", p.index)] for p in mine])
-        samples: list[Sample] = [g[0] for g in groups]
+        seeds = [[request_seed(seed, "val", p.index, *([j] if j else [])) for j in range(samples_per_prompt)]
+                 for p in mine]  # sample 0's seed as with one sample per prompt
+        groups = generator.generate(mine, samples_per_prompt, seeds)
+        samples: list[Sample] = [s for g in groups for s in g]
         total, parts = rewards([s.prompt.prompt for s in samples], [s.text for s in samples],
                                [s.prompt.record for s in samples])
         sums[0], sums[1] = len(samples), total.double().sum()
@@ -161,6 +177,10 @@ def held_out_reward(generator: Generator, rewards: RewardFunctions, prompts: lis
 def build_trainer(cfg: RLConfig, method: str, source: BaseModelSource, dist: DistInfo,
                   resume: Optional[str] = None) -> Trainer:
     rl, tcfg = cfg.rl, cfg.training
+    if rl.algorithm != "rft" and "spike_threshold" not in tcfg.model_fields_set:
+        # A policy-gradient surrogate's value is no measure of the model's health (its sign and size
+        # follow the batch's advantages): the spike guard skips only non-finite losses and gradients.
+        tcfg.spike_threshold = math.inf
     if dist.is_distributed and tcfg.parallelism == "fsdp":
         raise UserError("online RL samples from a full copy of the policy on every rank: use "
                         "training.parallelism=ddp (FSDP2 shards the weights the rollout engine reads)")
@@ -191,13 +211,14 @@ def build_trainer(cfg: RLConfig, method: str, source: BaseModelSource, dist: Dis
         if rl.reference == "frozen":
             ref_model = build_sft_model(BaseModelSource.open(source.path), cfg, "full", dist.device, compute_dtype)
             ref_model.requires_grad_(False).eval()
-        reference = reference_logps_fn(ref_model, rl.sampling.temperature, tcfg.batch_size, amp,
+        reference = reference_logps_fn(ref_model, rl.sampling.temperature, amp,
                                        adapters_off=rl.reference == "adapters_off")
     rows_per_rank = rl.prompts_per_step // dist.world_size * rl.group_size
     generator = Generator(policy, cfg.model, tokenizer, tokenizer_file, ct, rl,
-                          max_num_seqs=max(rows_per_rank, len(val_prompts) // dist.world_size + 1))
+                          max_num_seqs=max(rows_per_rank, (len(val_prompts) // dist.world_size + 1) * rl.val_samples))
     source_ = RolloutSource(rl, train_prompts, generator, rewards, dist, tcfg.seed, tcfg.batch_size, accum, amp,
-                            ct.pad_id, reference=reference, value_model=value)
+                            ct.pad_id, reference=reference, value_model=value,
+                            share_prompts=shares_prompts(cfg))
     log_setup(cfg, method, source, train_prompts, val_prompts, accum, dist)
     if rl.algorithm == "rft":
         objective, count_fn = causal_lm_loss, count_targets
@@ -242,6 +263,14 @@ def log_setup(cfg: RLConfig, method: str, source: BaseModelSource, train_prompts
                 "per step and rank; reference: %s", rl.algorithm, method, source.path, total / 1e6,
                 len(train_prompts), len(val_prompts), rl.prompts_per_step, rl.group_size, rl.updates_per_rollout,
                 accum, cfg.training.batch_size, rl.reference if rl.uses_reference else "none")
+    if rl.algorithm != "rft":
+        if shares_prompts(cfg):
+            logger.info("training forward: each prompt once, followed by its completions (rl.share_prompts)")
+        else:
+            logger.info("training forward: one prompt + completion row per sample (%s)",
+                        "rl.share_prompts: false" if not rl.share_prompts else
+                        "the model has Mamba-2 layers" if cfg.model.has_mamba
+                        else "context parallelism")
 
 
 def plot_rewards(run_root: Path) -> Optional[Path]:

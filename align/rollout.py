@@ -20,7 +20,10 @@ RL that iterator is a `RolloutSource`. When its buffer is empty it makes a *roll
 5. computes the old policy's and the reference's per-token log-probs with the *training*
    forward (no grad), micro-batch by micro-batch;
 
-and then yields the micro-batches of ``updates_per_rollout`` optimizer steps. Its
+and then yields the micro-batches of ``updates_per_rollout`` optimizer steps. A micro-batch
+holds its samples' completion-space tensors (S, L) and their packed rows for the training
+forward (`rl_data.pack_rows`: with ``rl.share_prompts`` each prompt once, followed by its
+completions, so a group of G costs one prompt, not G). Its
 ``state_dict`` holds the prompt cursor, the rollout count and the unconsumed buffer, so a run
 resumed mid-rollout continues bit for bit.
 """
@@ -36,7 +39,7 @@ from torch import Tensor, nn
 
 from align.rewards import RewardFunctions
 from align.rl_config import RLSection
-from align.rl_data import PromptRecord, Sample, collate, request_seed, sft_rows, slice_batch
+from align.rl_data import PromptRecord, Sample, completion_batch, pack_rows, request_seed, sft_rows
 from align.rl_losses import gae, group_advantages, kl_k1, ppo_token_rewards, whiten, zero_variance_groups
 from data_pipeline.chat import ChatTokenizer
 from inference.engine.llm_engine import LLMEngine
@@ -49,45 +52,46 @@ Batch = dict[str, Tensor]
 
 
 # ---------------------------------------------------------------------------- log-probs
-def token_logps(logits: Tensor, input_ids: Tensor, temperature: float) -> Tensor:
-    """Per-token log-probs of the next tokens: logits (B, T, V), input_ids (B, T) → (B, T-1),
-    from ``log_softmax(logits / temperature)`` (the distribution the engine sampled from)."""
-    scaled = logits[:, :-1].float() / temperature  # (B, T-1, V)
-    picked = scaled.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    return picked - torch.logsumexp(scaled, dim=-1)
+def forward_inputs(batch: Batch) -> dict[str, Tensor]:
+    """The packed rows' keyword arguments of the model's forward (`rl_data.pack_rows`)."""
+    return {k: batch[k] for k in ("positions", "doc_ids") if k in batch}
 
 
-def completion_logps(model: nn.Module, input_ids: Tensor, mask: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-    """The policy's log-probs of the completion tokens, (B, T-1) in target space (0 elsewhere),
-    and the logits they came from (N, V), N = mask.sum(). The LM head runs only at the positions
-    that predict a completion token (``keep``), not over the prompts."""
-    m = mask.bool()  # (B, T-1)
-    keep = torch.zeros(input_ids.shape, dtype=torch.bool, device=input_ids.device)  # (B, T)
-    keep[:, :-1] = m
-    logits = model(input_ids, keep=keep)  # (N, V)
+def completion_logps(model: nn.Module, batch: Batch, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The policy's log-probs of the completion tokens (S, L) (0 off the mask), from
+    ``log_softmax(logits / temperature)`` (the distribution the engine sampled from); the
+    logits (U, V) they came from and, for each masked token in row-major order, its row of
+    them (N,). The LM head runs once per position that predicts a masked completion token
+    (``keep``), not over the prompts; with shared prompts, a prompt's last position serves the
+    first token of all its completions."""
+    m = batch["mask"].bool()  # (S, L)
+    ids = batch["input_ids"]  # (R, W)
+    src = batch["src"].to(ids.device)[m]  # (N,) flat positions in the packed rows
+    keep = torch.zeros(ids.numel(), dtype=torch.bool, device=ids.device)
+    keep[src] = True
+    logits = model(ids, keep=keep.view(ids.shape), **forward_inputs(batch))  # (U, V)
+    rows = keep.cumsum(0)[src] - 1  # (N,)
     scaled = logits.float() / temperature
-    targets = input_ids[:, 1:][m]  # (N,)
-    picked = scaled.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(scaled, dim=-1)  # (N,)
-    return torch.zeros(m.shape, dtype=picked.dtype, device=picked.device).masked_scatter(m, picked), logits
+    lse = torch.logsumexp(scaled, dim=-1)  # (U,)
+    picked = scaled[rows, batch["completion"].to(ids.device)[m]] - lse[rows]  # (N,)
+    return torch.zeros(m.shape, dtype=picked.dtype, device=picked.device).masked_scatter(m, picked), logits, rows
 
 
 @torch.no_grad()
-def batched_logps(model: nn.Module, batch: Batch, temperature: float, batch_size: int, amp) -> Tensor:
-    """(B, T-1) log-probs of a whole rollout batch, ``batch_size`` rows per forward, eval mode."""
+def batched_logps(model: nn.Module, micros: list[Batch], temperature: float, amp) -> Tensor:
+    """(S, L) log-probs of a rollout given as consecutive micro-batches, eval mode."""
     was_training = model.training
     model.eval()
-    out = torch.zeros(batch["mask"].shape)
+    device = next(model.parameters()).device
+    out = []
     try:
-        for start in range(0, batch["input_ids"].shape[0], batch_size):
-            rows = slice(start, start + batch_size)
-            device = next(model.parameters()).device
+        for micro in micros:
             with amp():
-                lp, _ = completion_logps(model, batch["input_ids"][rows].to(device), batch["mask"][rows].to(device),
-                                         temperature)
-            out[rows] = lp.float().cpu()
+                lp, _, _ = completion_logps(model, {k: v.to(device) for k, v in micro.items()}, temperature)
+            out.append(lp.float().cpu())
     finally:
         model.train(was_training)
-    return out
+    return torch.cat(out)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -155,20 +159,23 @@ class Generator:
 class RolloutSource:
     """Endless micro-batches for the engine, made by rollouts (see the module docstring).
 
-    ``reference``: ``ids batch -> (B, T-1) log-probs`` of the reference (None: no KL term);
+    ``reference``: ``micro-batches -> (S, L) log-probs`` of the reference (None: no KL term);
     ``value_model``: PPO's critic (`model.reward.RewardModel`, per-token values);
-    ``grad_accum``: micro-batches per optimizer step on this rank.
+    ``grad_accum``: micro-batches per optimizer step on this rank; ``share_prompts``: pack a
+    prompt once with its completions in the training forward (`rl_data.pack_rows`).
     """
 
     def __init__(self, rl: RLSection, prompts: list[PromptRecord], generator: Generator, rewards: RewardFunctions,
                  dist: DistInfo, seed: int, batch_size: int, grad_accum: int, amp: Callable, pad_id: int,
-                 reference: Optional[Callable[[Batch], Tensor]] = None,
-                 value_model: Optional[nn.Module] = None) -> None:
+                 reference: Optional[Callable[[list[Batch]], Tensor]] = None,
+                 value_model: Optional[nn.Module] = None, share_prompts: bool = True) -> None:
         self.rl, self.prompts, self.generator, self.rewards = rl, prompts, generator, rewards
         self.dist, self.seed, self.batch_size, self.grad_accum = dist, seed, batch_size, grad_accum
         self.amp, self.pad_id = amp, pad_id
-        self.reference, self.value_model = reference, value_model
+        self.reference, self.value_model, self.share_prompts = reference, value_model, share_prompts
         self.cursor = 0  # prompts consumed (all ranks), wraps around the train prompts
+        self.zero_streak: dict[int, int] = {}  # prompt index -> its last groups with equal rewards in a row
+        self.passed_over = 0  # prompts skipped (skip_zero_variance) since the last rollout's stats
         self.rollouts = 0  # rollouts made
         self.buffer: list[Batch] = []  # micro-batches still to yield
         self.stats: list[dict[str, float]] = []  # per-rollout metrics since the last `pop_stats`
@@ -183,10 +190,12 @@ class RolloutSource:
         return self.buffer.pop(0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"cursor": self.cursor, "rollouts": self.rollouts, "buffer": [dict(b) for b in self.buffer]}
+        return {"cursor": self.cursor, "rollouts": self.rollouts, "buffer": [dict(b) for b in self.buffer],
+                "zero_streak": dict(self.zero_streak)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.cursor, self.rollouts = int(state["cursor"]), int(state["rollouts"])
+        self.zero_streak = {int(k): int(v) for k, v in state.get("zero_streak", {}).items()}
         self.buffer = [{k: torch.as_tensor(v) for k, v in b.items()} for b in state["buffer"]]
 
     def pop_stats(self) -> dict[str, float]:
@@ -197,25 +206,58 @@ class RolloutSource:
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[-1]}
 
     # ---- one rollout
-    def _take_prompts(self, n_global: int) -> tuple[list[PromptRecord], list[int]]:
-        """This rank's share of the next ``n_global`` prompts, and their positions in the step."""
-        picked, slots = [], []
-        for k in range(n_global):
-            if k % self.dist.world_size == self.dist.rank:
-                picked.append(self.prompts[(self.cursor + k) % len(self.prompts)])
-                slots.append(self.cursor + k)
-        self.cursor += n_global
-        return picked, slots
+    def _take_prompts(self, n_global: int) -> tuple[list[PromptRecord], list[int], list[int]]:
+        """This rank's share of the next ``n_global`` prompts taken, their positions in the stream
+        (request seeds) and their indices among the taken ones (all ranks). With
+        ``rl.skip_zero_variance`` = s, a prompt whose last z groups all had equal rewards is passed
+        over with probability 1 - (1 - s)^z (a seeded draw per stream position: every rank and a
+        resumed run decide alike), at most one pass over the prompts per call."""
+        picked, slots, taken_at = [], [], []
+        skip = self.rl.skip_zero_variance or 0.0
+        taken = passed = 0
+        while taken < n_global:
+            slot = self.cursor
+            prompt = self.prompts[slot % len(self.prompts)]
+            self.cursor += 1
+            z = self.zero_streak.get(prompt.index, 0)
+            if z and passed < len(self.prompts) and \
+                    request_seed(self.seed, "skip", slot) / 2 ** 56 < 1.0 - (1.0 - skip) ** z:
+                passed += 1
+                continue
+            if taken % self.dist.world_size == self.dist.rank:
+                picked.append(prompt)
+                slots.append(slot)
+                taken_at.append(taken)
+            taken += 1
+        self.passed_over += passed
+        return picked, slots, taken_at
 
     def _sample(self, n_global: int, group_size: int, tag: str) -> tuple[list[Sample], Tensor, dict[str, Tensor]]:
         """Generate and score: samples (prompt-major), total rewards (N,), per-function rewards."""
-        prompts, slots = self._take_prompts(n_global)
+        prompts, slots, taken_at = self._take_prompts(n_global)
         seeds = [[request_seed(self.seed, tag, self.rollouts, slot, j) for j in range(group_size)] for slot in slots]
         groups = self.generator.generate(prompts, group_size, seeds)
         samples = [s for g in groups for s in g]
         total, parts = self.rewards([s.prompt.prompt for s in samples], [s.text for s in samples],
                                     [s.prompt.record for s in samples])
+        if self.rl.skip_zero_variance:
+            self._count_zero_variance(n_global, prompts, taken_at, zero_variance_groups(total, group_size))
         return samples, total, parts
+
+    def _count_zero_variance(self, n_global: int, prompts: list[PromptRecord], taken_at: list[int],
+                             zero: Tensor) -> None:
+        """Update every prompt's run of zero-variance groups from all ranks' outcomes (each rank
+        scores its own groups; one all-reduce makes the record global)."""
+        outcome = torch.zeros(n_global, dtype=torch.float64)  # 0: another rank's, 1: learnable, 2: equal rewards
+        index = torch.zeros(n_global, dtype=torch.float64)
+        for p, t, z in zip(prompts, taken_at, zero.tolist()):
+            outcome[t], index[t] = 1.0 + z, float(p.index)
+        both = all_reduce_sum(torch.cat([outcome, index]))
+        for o, i in zip(both[:n_global].tolist(), both[n_global:].tolist()):
+            key = int(i)
+            self.zero_streak[key] = self.zero_streak.get(key, 0) + 1 if o == 2.0 else 0
+            if not self.zero_streak[key]:
+                del self.zero_streak[key]
 
     def _rollout(self) -> list[Batch]:
         rl = self.rl
@@ -225,16 +267,19 @@ class RolloutSource:
             batches, stats = self._rft_rollout(n_global)
         else:
             samples, rewards, parts, stats = self._grouped_samples(n_global)
-            batch = collate(samples, self.pad_id)
+            batch = completion_batch(samples)
             t_gen = time.perf_counter()
             stats["time/generate_s"] = t_gen - t0  # sampling and scoring
             if rl.algorithm == "ppo":
-                self._ppo_fields(batch, rewards)
+                self._ppo_fields(samples, batch, rewards)
             else:
-                self._grpo_fields(batch, rewards)
+                self._grpo_fields(samples, batch, rewards)
             stats["time/logps_s"] = time.perf_counter() - t_gen  # old-policy / reference log-probs, values
-            batches = self._schedule(batch)
+            batches = self._schedule(samples, batch)
         stats["time/rollout_s"] = time.perf_counter() - t0
+        if rl.skip_zero_variance:
+            stats["dynamic/passed_over"] = float(self.passed_over)  # the same on every rank
+            self.passed_over = 0
         self.rollouts += 1
         self.stats.append(stats)
         return batches
@@ -310,7 +355,20 @@ class RolloutSource:
         out.update({f"rewards/{name}": sums[5 + i].item() / n for i, name in enumerate(parts)})
         return out
 
-    def _grpo_fields(self, batch: Batch, rewards: Tensor) -> None:
+    def micro(self, samples: list[Sample], batch: Batch, index: Tensor) -> Batch:
+        """The micro-batch of the samples ``index``: their sample-space tensors (S, ...) and the
+        packed rows of the training forward (`rl_data.pack_rows`)."""
+        packed = pack_rows([samples[i] for i in index.tolist()], self.pad_id, self.share_prompts)
+        width = packed["src"].shape[1]  # the micro-batch's longest completion
+        out = {k: v[index, :width] if v.dim() == 2 else v[index] for k, v in batch.items()
+               if k not in ("completion_len", "truncated")}
+        return {**out, **packed}
+
+    def _in_order(self, samples: list[Sample], batch: Batch) -> list[Batch]:
+        """The rollout as consecutive micro-batches of ``batch_size`` samples (for the no-grad passes)."""
+        return [self.micro(samples, batch, idx) for idx in torch.arange(len(samples)).split(self.batch_size)]
+
+    def _grpo_fields(self, samples: list[Sample], batch: Batch, rewards: Tensor) -> None:
         rl = self.rl
         batch_std = None
         if rl.scale_rewards == "batch":  # the std over the whole global batch
@@ -323,46 +381,50 @@ class RolloutSource:
         batch["advantages"] = group_advantages(rewards, rl.group_size, rl.scale_rewards, batch_std=batch_std)
         if rl.mask_truncated_completions:  # DAPO's overlong filtering: no gradient from cut-off samples
             batch["mask"][batch["truncated"]] = 0.0
-        if rl.num_iterations > 1:  # later iterations see a changed policy: keep the sampling one's log-probs
-            batch["old_logps"] = self._policy_logps(batch)
-        if self.reference is not None:
-            batch["ref_logps"] = self.reference(batch)
+        if rl.num_iterations > 1 or self.reference is not None:
+            micros = self._in_order(samples, batch)
+            if rl.num_iterations > 1:  # later iterations see a changed policy: keep the sampling one's log-probs
+                batch["old_logps"] = self._policy_logps(micros)
+            if self.reference is not None:
+                batch["ref_logps"] = self.reference(micros)
 
-    def _policy_logps(self, batch: Batch) -> Tensor:
-        return batched_logps(self.generator.policy, batch, self.rl.sampling.temperature, self.batch_size, self.amp)
+    def _policy_logps(self, micros: list[Batch]) -> Tensor:
+        return batched_logps(self.generator.policy, micros, self.rl.sampling.temperature, self.amp)
 
     @torch.no_grad()
-    def _ppo_fields(self, batch: Batch, scores: Tensor) -> None:
+    def _ppo_fields(self, samples: list[Sample], batch: Batch, scores: Tensor) -> None:
         """Old log-probs, reference log-probs, values, per-token rewards, GAE, (whitened) advantages."""
         rl, mask = self.rl, batch["mask"]
-        batch["old_logps"] = self._policy_logps(batch)
-        ref = self.reference(batch) if self.reference is not None else None
+        micros = self._in_order(samples, batch)
+        batch["old_logps"] = self._policy_logps(micros)
+        ref = self.reference(micros) if self.reference is not None else None
         if ref is not None and rl.kl_penalty == "loss":
             batch["ref_logps"] = ref
         kl = kl_k1(batch["old_logps"], ref) * mask if ref is not None and rl.kl_penalty == "reward" \
             else torch.zeros_like(mask)
-        values = self._values(batch) * mask  # (B, T-1)
+        values = self._values(micros) * mask  # (S, L)
         token_rewards = ppo_token_rewards(scores.float(), kl, mask, rl.kl_coef if ref is not None else 0.0)
         advantages, returns = gae(token_rewards, values, mask, rl.gamma, rl.lam)
         if rl.whiten_advantages:
             advantages = self._global_whiten(advantages, mask)
         batch.update(advantages=advantages * mask, returns=returns, old_values=values)
 
-    def _values(self, batch: Batch) -> Tensor:
+    def _values(self, micros: list[Batch]) -> Tensor:
+        """(S, L) the critic's value of the state before each completion token."""
         model = self.value_model
         was_training = model.training
         model.eval()
-        out = torch.zeros(batch["mask"].shape)
+        out = []
         device = next(model.parameters()).device
         try:
-            for start in range(0, batch["input_ids"].shape[0], self.batch_size):
-                rows = slice(start, start + self.batch_size)
+            for micro in micros:
                 with self.amp():
-                    v = model.token_rewards(batch["input_ids"][rows].to(device))  # (b, T)
-                out[rows] = v[:, :-1].float().cpu()
+                    v = model.token_rewards(micro["input_ids"].to(device), **{
+                        k: t.to(device) for k, t in forward_inputs(micro).items()})  # (R, W)
+                out.append(v.float().cpu().flatten()[micro["src"]])  # (s, L)
         finally:
             model.train(was_training)
-        return out
+        return torch.cat(out)
 
     def _global_whiten(self, x: Tensor, mask: Tensor) -> Tensor:
         """Whitening over the masked tokens of every rank (`rl_losses.whiten` in one process)."""
@@ -373,20 +435,19 @@ class RolloutSource:
         var = all_reduce_sum((((x - mean) ** 2) * mask).sum().double()[None])[0] / (s[0] - 1).clamp(min=1)
         return ((x - mean) * torch.rsqrt(var + 1e-8)).float()
 
-    def _schedule(self, batch: Batch) -> list[Batch]:
+    def _schedule(self, samples: list[Sample], batch: Batch) -> list[Batch]:
         """The micro-batches of every optimizer step this rollout feeds, in order: for each pass
-        (iteration / PPO epoch) a permutation of the rows (identity for the first), split into
+        (iteration / PPO epoch) a permutation of the samples (identity for the first), split into
         minibatches (one per optimizer step), each split into ``grad_accum`` micro-batches."""
-        rl, n = self.rl, batch["input_ids"].shape[0]
+        rl, n = self.rl, len(samples)
         passes = rl.ppo_epochs if rl.algorithm == "ppo" else rl.num_iterations
         minibatches = rl.num_minibatches if rl.algorithm == "ppo" else 1
-        batch = {k: v for k, v in batch.items() if k not in ("completion_len", "truncated")}
         out = []
         for p in range(passes):
             g = torch.Generator().manual_seed(request_seed(self.seed, "shuffle", self.rollouts, p))
             order = torch.arange(n) if p == 0 or minibatches == 1 else torch.randperm(n, generator=g)
             for mb in order.tensor_split(minibatches):
-                out += [slice_batch(batch, micro) for micro in mb.tensor_split(self.grad_accum)]
+                out += [self.micro(samples, batch, idx) for idx in mb.tensor_split(self.grad_accum)]
         return out
 
     def _rft_rollout(self, n_global: int) -> tuple[list[Batch], dict[str, float]]:

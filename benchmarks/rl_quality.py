@@ -4,7 +4,8 @@ built-in verifiable problems, from one SFT checkpoint warmed up on worked soluti
     make demo                                              # data/ + the nano DeepSeek-V3's SFT model
     python benchmarks/rl_quality.py [--sft runs/classic/deepseek/v3_nano/1_sft_qlora/checkpoints/final]
         [--data_dir data] [--warm_config configs/classic_reproductions/deepseek/v3_nano/1_sft_full.yaml]
-        [--algorithms grpo,gspo,ppo,rft] [--steps 400] [--warmup_steps 150] [--warm CKPT] [--out rl.json]
+        [--algorithms grpo,gspo,ppo,rft] [--steps 400] [--warmup_steps 300] [--warm CKPT] [--out rl.json]
+        [--val_prompts 200] [--val_samples 4] [--eval_interval 50]
         [--workdir DIR]   # keep the warm-up and the runs (default: a temporary directory)
         [--set training.learning_rate=1e-4 ...]
 
@@ -17,10 +18,11 @@ built-in verifiable problems, from one SFT checkpoint warmed up on worked soluti
    then has rewards to work with.
 2. For each algorithm the real stage runs (`align.rl_stage`, the shipped configs/align/<alg>.yaml
    with paths, steps and held-out size overridden) into a temporary runs directory. The held-out
-   reward is the mean verifiable reward of one sample (temperature 1) per held-out prompt — the
-   file's last ``--val_prompts`` prompts, never trained on — at step 0 and every
-   ``--eval_interval`` steps. Reported: before, after, best, the curve, wall seconds, and the
-   rollouts' last logged statistics.
+   reward is the mean verifiable reward of ``--val_samples`` samples (temperature 1) per held-out
+   prompt — the file's last ``--val_prompts`` prompts, never trained on — at step 0 and every
+   ``--eval_interval`` steps. Reported: before, after, best, the curve ([step, reward, wall
+   seconds since the start, training seconds = wall minus the evaluations so far]), wall and
+   evaluation seconds, and the rollouts' last logged statistics.
 """
 from __future__ import annotations
 
@@ -79,21 +81,26 @@ def run_algorithm(algorithm: str, start: Path, data_dir: Path, runs: Path, args:
     overrides = [f"data.data_dir={data_dir}", f"checkpointing.init_from={start}", f"logging.runs_dir={runs}",
                  f"logging.run_name={algorithm}", f"training.max_steps={args.steps}",
                  f"training.eval_interval={args.eval_interval}", f"checkpointing.save_interval={args.steps}",
-                 f"rl.val_prompts={args.val_prompts}", "training.device=cpu", "logging.log_interval=10",
+                 f"rl.val_prompts={args.val_prompts}", f"rl.val_samples={args.val_samples}", "training.device=cpu",
+                 "logging.log_interval=10",
                  *args.overrides]
     cfg = load_config(REPO_ROOT / "configs" / "align" / f"{algorithm}.yaml", RLConfig, overrides)
     t0 = time.time()
     rl_stage.train(cfg)
     seconds = time.time() - t0
     records = metrics(runs / "rl" / algorithm)
-    curve = [(r["step"], round(r["val_reward"], 4)) for r in records if "val_reward" in r]
+    curve, val_s = [], 0.0
+    for r in records:
+        if "val_reward" in r:  # [step, reward, wall s since the start, of which training (evaluations left out)]
+            val_s += r.get("time/val_s", 0.0)
+            curve.append([r["step"], round(r["val_reward"], 4), round(r["time"] - t0, 1), round(r["time"] - t0 - val_s, 1)])
     train = [r for r in records if "reward" in r]
     last = {k: round(v, 4) for k, v in train[-1].items()
             if k in ("reward", "reward_std", "kl", "entropy", "completion_length", "clip_ratio/region",
                      "rft/kept_frac", "vf_loss")} if train else {}
-    return {"before": curve[0][1], "after": curve[-1][1], "best": max(v for _, v in curve),
+    return {"before": curve[0][1], "after": curve[-1][1], "best": max(c[1] for c in curve),
             "gain": round(curve[-1][1] - curve[0][1], 4), "curve": curve, "steps": args.steps,
-            "seconds": round(seconds, 1), "last_rollout": last}
+            "seconds": round(seconds, 1), "eval_seconds": round(val_s, 1), "last_rollout": last}
 
 
 def main() -> None:
@@ -106,7 +113,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--eval_interval", type=int, default=50)
     ap.add_argument("--val_prompts", type=int, default=200)
-    ap.add_argument("--warmup_steps", type=int, default=150)
+    ap.add_argument("--val_samples", type=int, default=4, help="samples per held-out prompt")
+    ap.add_argument("--warmup_steps", type=int, default=300)
     ap.add_argument("--warm", default=None, help="an already warmed-up checkpoint (skips the warm-up)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--workdir", default=None,

@@ -30,7 +30,7 @@ from model.cache import KVLayerCache, PagedLayerCache
 from model.config import ModelConfig
 from model.ffn import stack_linears
 from model.norms import build_norm
-from model.positions import alibi_bias, alibi_slopes, apply_rope
+from model.positions import alibi_bias, alibi_slopes, apply_rope, document_mask
 
 Rope = Optional[tuple[torch.Tensor, torch.Tensor]]
 
@@ -44,13 +44,17 @@ def build_mask(
     doc_ids: Optional[torch.Tensor] = None,
     device: Optional[torch.device] = None,
     force: bool = False,
+    positions: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], bool]:
     """Which keys each query may see, for queries at slots q_start.. and keys at k_start...
 
     Key j is visible to query i when j <= i, i - j < window (if any) and both belong to the
-    same document (if ``doc_ids`` (B, T) is given). Returns ``(mask, is_causal)``: a boolean
-    mask (B or 1, 1, T, S), True = attend; or ``(None, True)`` when sdpa's own causal mask is
-    exact; or ``(None, False)`` when every key is visible. ``force`` always builds the mask.
+    same document or j to the row's shared prefix (if ``doc_ids`` (B, T) is given; see
+    `model.positions.SHARED_PREFIX`). With documents the window is measured in ``positions``
+    (B, T) when given, since a shared prefix puts other documents between a query and its keys.
+    Returns ``(mask, is_causal)``: a boolean mask (B or 1, 1, T, S), True = attend; or
+    ``(None, True)`` when sdpa's own causal mask is exact; or ``(None, False)`` when every key
+    is visible. ``force`` always builds the mask.
     """
     if doc_ids is None and not force:
         q_last, k_last = q_start + q_len - 1, k_start + k_len - 1
@@ -60,12 +64,14 @@ def build_mask(
             return None, False
     q = torch.arange(q_start, q_start + q_len, device=device)[:, None]  # (T, 1)
     k = torch.arange(k_start, k_start + k_len, device=device)[None, :]  # (1, S)
-    mask = k <= q  # (T, S)
-    if window is not None:
-        mask = mask & (q - k < window)
-    mask = mask[None, None]  # (1, 1, T, S)
+    mask = (k <= q)[None, None]  # (1, 1, T, S)
     if doc_ids is not None:
-        mask = mask & (doc_ids[:, None, :, None] == doc_ids[:, None, None, :])  # (B, 1, T, T)
+        mask = mask & document_mask(doc_ids)[:, None]  # (B, 1, T, T)
+    if window is not None:
+        if doc_ids is not None and positions is not None:
+            mask = mask & (positions[:, None, :, None] - positions[:, None, None, :] < window)  # (B, 1, T, T)
+        else:
+            mask = mask & (q - k < window)
     return mask, False
 
 
@@ -206,9 +212,12 @@ class Attention(nn.Module):
                     k_start = max(0, q_start - self.window + 1)
                     k, v = k[:, k_start:], v[:, k_start:]
             k_len = k.shape[1]
-            mask, is_causal = build_mask(q_start, seq_len, k_start, k_len, self.window, doc_ids, x.device, force)
+            mask, is_causal = build_mask(q_start, seq_len, k_start, k_len, self.window, doc_ids, x.device, force,
+                                         positions)
             bias = None
-            if self.alibi:
+            if self.alibi and doc_ids is not None:  # distances in positions (a shared prefix is not adjacent)
+                bias = torch.stack([alibi_bias(self._slopes, p, p) for p in positions])  # (B, H, T, T)
+            elif self.alibi:
                 q_slots = torch.arange(q_start, q_start + seq_len, device=x.device)
                 k_slots = torch.arange(k_start, k_start + k_len, device=x.device)
                 bias = alibi_bias(self._slopes, q_slots, k_slots)[None]  # (1, H, T, S)

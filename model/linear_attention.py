@@ -24,7 +24,7 @@ from torch import nn
 
 from model.cache import PagedStateCache
 from model.config import ModelConfig
-from model.positions import apply_rope
+from model.positions import apply_rope, document_mask
 
 EPS = 1e-6
 
@@ -49,13 +49,13 @@ def causal_linear_attention(
     """Normalised causal linear attention in parallel form.
 
     phi_q, phi_k, v: (B, H, T, hd); doc_ids: (B, T) — token i only sees tokens j <= i of its own
-    document. ``init = (S0 (B, H, hd, hd), z0 (B, H, hd))`` is a state carried in from earlier
+    document or of the row's shared prefix (`model.positions.SHARED_PREFIX`). ``init = (S0 (B, H, hd, hd), z0 (B, H, hd))`` is a state carried in from earlier
     tokens, seen by every token of the chunk. Returns (B, H, T, hd).
     """
     seq_len = phi_q.shape[2]
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=phi_q.device).tril()  # (T, T)
     if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :]).unsqueeze(1)  # (B, 1, T, T)
+        mask = mask & document_mask(doc_ids).unsqueeze(1)  # (B, 1, T, T)
     scores = (phi_q @ phi_k.transpose(-1, -2)) * mask  # (B, H, T, T)
     num = scores @ v  # (B, H, T, hd)
     den = scores.sum(dim=-1)  # (B, H, T)

@@ -183,14 +183,33 @@ class RotaryEmbedding(nn.Module):
         return f"dim={self.dim}, theta={self.theta}, scaling={kind}"
 
 
+SHARED_PREFIX = -1
+"""The document id of a row's shared prefix (``doc_ids``): every document of the row sees it.
+
+Prefix-shared packing lays one prompt out once, followed by its completions, in one row:
+``doc_ids = [-1]*P + [1]*n1 + [2]*n2 + ...``. Each completion attends to the prompt and to its
+own earlier tokens, and its positions continue after the prompt's, so every completion token
+gets exactly the hidden state it would have as ``prompt + completion`` alone (online RL trains
+G completions of a prompt while computing the prompt once). The prefix must open the row."""
+
+
 def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Positions that restart at 0 at every document start of a packed batch: (B, T) -> (B, T)."""
+    """Positions that restart at 0 at every document start of a packed batch: (B, T) -> (B, T).
+    Documents after a row's shared prefix (`SHARED_PREFIX`) start at the prefix's length."""
     seq_len = doc_ids.shape[1]
     idx = torch.arange(seq_len, device=doc_ids.device).expand_as(doc_ids)  # (B, T)
     is_start = torch.ones_like(doc_ids, dtype=torch.bool)
     is_start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     doc_start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T)
-    return idx - doc_start
+    shared = doc_ids == SHARED_PREFIX  # (B, T)
+    prefix_len = shared.sum(dim=1, keepdim=True)  # (B, 1), 0 without a shared prefix
+    return idx - doc_start + torch.where(shared, torch.zeros_like(prefix_len), prefix_len)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) -> (B, T, T) bool: query i may see key j of its own document or of the
+    row's shared prefix (causality is the caller's)."""
+    return (doc_ids[:, :, None] == doc_ids[:, None, :]) | (doc_ids[:, None, :] == SHARED_PREFIX)
 
 
 # ---------------------------------------------------------------------------- ALiBi

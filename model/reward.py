@@ -43,9 +43,10 @@ class RewardModel(Transformer):
             w = torch.randn(self.score.weight.shape, generator=generator, dtype=torch.float32)
             self.score.weight.copy_(w * SCORE_INIT_STD)
 
-    def token_rewards(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """tokens (B, T) → the scalar head at every position (B, T), fp32."""
-        h = self.norm(self.forward_hidden(tokens, positions))  # (B, T, D)
+    def token_rewards(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                      doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """tokens (B, T) → the scalar head at every position (B, T), fp32 (``doc_ids``: packed documents)."""
+        h = self.norm(self.forward_hidden(tokens, positions, doc_ids=doc_ids))  # (B, T, D)
         return self.score(h.to(self.score.weight.dtype)).squeeze(-1).float()  # (B, T)
 
     def forward(self, tokens: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,  # type: ignore[override]

@@ -44,6 +44,35 @@ def test_packed_documents_equal_separate_forwards(name: str) -> None:
                 start += n
 
 
+@pytest.mark.parametrize("name", [n for n in DOC_CASES if not n.startswith("mamba2")])
+def test_shared_prefix_rows_equal_separate_forwards(name: str) -> None:
+    """A prompt once, then its completions as documents that see it (doc id -1 = SHARED_PREFIX,
+    positions continuing after the prompt): every token's logits equal those of ``prompt +
+    completion`` alone. The window (4 < the prompt's 6) and ALiBi count in positions."""
+    cfg = DOC_CASES[name]
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    prompt_len, completions = 6, [4, 3, 5]
+    row = [-1] * prompt_len + sum(([j] * n for j, n in enumerate(completions, 1)), [])
+    doc_ids = torch.tensor([row, [-1] * 3 + [1] * 2 + [0] * (len(row) - 5)])  # (2, 18); row 2 ends in padding
+    tokens = torch.randint(0, cfg.vocab_size, doc_ids.shape)
+    with torch.no_grad():
+        packed = model(tokens, doc_ids=doc_ids)  # positions from the doc ids: completions continue the prompt
+        for b, (p, lengths) in enumerate([(prompt_len, completions), (3, [2])]):
+            start = p
+            for n in lengths:
+                alone = model(torch.cat([tokens[b, :p], tokens[b, start:start + n]])[None])[0]  # (p + n, V)
+                assert (packed[b, :p] - alone[:p]).abs().max().item() <= 1e-5
+                assert (packed[b, start:start + n] - alone[p:]).abs().max().item() <= 1e-5
+                start += n
+
+
+def test_a_shared_prefix_is_refused_by_mamba2() -> None:
+    model = build_model(DOC_CASES["mamba2"])
+    with pytest.raises(ValueError, match="shared prefix"):
+        model(torch.zeros(1, 6, dtype=torch.long), doc_ids=torch.tensor([[-1, -1, 1, 1, 2, 2]]))
+
+
 # ---------------------------------------------------------------------------- counting
 
 

@@ -93,6 +93,9 @@ def test_apply_rope_matches_transformers_at_absolute_positions() -> None:
 def test_positions_restart_per_document() -> None:
     doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 3, 3]])
     assert positions_from_doc_ids(doc_ids).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+    # a shared prefix (-1) opens the row: every later document continues after it; padding (0) too
+    shared = torch.tensor([[-1, -1, -1, 1, 1, 2, 2, 2, 0], [-1, 1, 2, 2, 3, 0, 0, 0, 0]])
+    assert positions_from_doc_ids(shared).tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 3], [0, 1, 1, 2, 1, 1, 2, 3, 4]]
 
 
 # ---------------------------------------------------------------------------- scalings vs transformers

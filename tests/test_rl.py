@@ -18,8 +18,8 @@ from tokenizers import Tokenizer
 
 from align import rl_stage
 from align.rl_config import RLConfig
-from align.rl_data import encode_prompts, read_prompts
-from align.rollout import Generator, token_logps
+from align.rl_data import Sample, completion_batch, encode_prompts, pack_rows, read_prompts
+from align.rollout import Generator, completion_logps
 from conftest import REPO_ROOT, assert_user_error, run_script
 from data_pipeline.chat import ChatTokenizer
 from finetune.base_model import build_sft_model
@@ -61,28 +61,78 @@ def _policy_and_tokenizer(env: RLEnv, cfg: RLConfig):
 
 
 # ---------------------------------------------------------------------------- rollouts
-def test_engine_sampling_logprobs_equal_the_training_forward(env: RLEnv, tmp_path: Path) -> None:
+@pytest.mark.parametrize("share_prompts", [True, False])
+def test_engine_sampling_logprobs_equal_the_training_forward(env: RLEnv, tmp_path: Path, share_prompts: bool) -> None:
+    """Two samples of each of 3 prompts: the engine's sampling log-probs equal the training
+    forward's (`completion_logps`), with a prompt packed once for its samples or once per sample."""
     cfg = rl_config(env, tmp_path, "lp")
     policy, tok, file, ct, prompts = _policy_and_tokenizer(env, cfg)
     engine = LLMEngine(LoadedModel(policy, cfg.model, tok, file, ct.im_end_id), max_num_seqs=8)
     temperature = 0.7
     rows = []
-    for i, p in enumerate(prompts[:4]):
-        rid = engine.add_request(p.ids, SamplingParams(temperature=temperature, seed=i, max_tokens=10, logprobs=0,
-                                                       ignore_eos=True))
-        rows.append((rid, p.ids))
+    for i, p in enumerate(prompts[:3]):
+        for j in range(2):
+            rid = engine.add_request(p.ids, SamplingParams(temperature=temperature, seed=10 * i + j, max_tokens=10,
+                                                           logprobs=0, ignore_eos=True))
+            rows.append((rid, p))
     got: dict[str, tuple[list[int], list[float]]] = {rid: ([], []) for rid, _ in rows}
     while engine.has_unfinished():
         for out in engine.step():
             got[out.request_id][0].extend(out.new_token_ids)
             got[out.request_id][1].extend(lp for _, lp, _ in out.logprobs)
+    samples = [Sample(p, got[rid][0], "", "length") for rid, p in rows]
+    batch = completion_batch(samples)
+    batch.update(pack_rows(samples, ct.pad_id, share_prompts))
+    assert batch["input_ids"].shape[0] == (3 if share_prompts else 6)
     with torch.no_grad():
-        for rid, prompt_ids in rows:
-            tokens, engine_lps = got[rid]
-            ids = torch.tensor([prompt_ids + tokens])
-            train_lps = token_logps(policy(ids), ids, temperature)[0, len(prompt_ids) - 1:]  # (completion,)
-            assert len(tokens) == 10
-            assert torch.allclose(train_lps, torch.tensor(engine_lps), atol=1e-4), (train_lps, engine_lps)
+        train_lps, _, _ = completion_logps(policy, batch, temperature)  # (S, L)
+    engine_lps = torch.tensor([got[rid][1] for rid, _ in rows])  # (S, 10)
+    assert batch["mask"].all() and train_lps.shape == engine_lps.shape == (6, 10)
+    assert torch.allclose(train_lps, engine_lps, atol=1e-4), (train_lps - engine_lps).abs().max()
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "gspo", "ppo"])
+def test_a_shared_prompt_trains_exactly_as_one_row_per_sample(env: RLEnv, tmp_path: Path, algorithm: str) -> None:
+    """The policy loss (PPO: with the critic's value loss), its logged statistics and every
+    gradient are the same whether a group's prompt is packed once (``rl.share_prompts``) or
+    repeated in one row per sample."""
+    from align.rl_objectives import ActorCritic, PolicyGradientObjective, PPOObjective
+
+    rl = {"algorithm": algorithm, "kl_coef": 0.1, "kl_penalty": "loss"} if algorithm == "ppo" else \
+        {"algorithm": algorithm, "beta": 0.1}
+    cfg = rl_config(env, tmp_path, "pack", rl=rl)
+    policy, tok, file, ct, prompts = _policy_and_tokenizer(env, cfg)
+    model, objective = policy, PolicyGradientObjective(cfg.rl)
+    if algorithm == "ppo":
+        source, _ = rl_stage.prepare(cfg)
+        value = build_sft_model(source, cfg, "full", torch.device("cpu"), torch.float32, reward=True)
+        model, objective = ActorCritic(policy, value), PPOObjective(cfg.rl)
+    g = torch.Generator().manual_seed(0)
+    samples = [Sample(p, torch.randint(5, 200, (int(n),), generator=g).tolist(), "", "stop")
+               for p in prompts[:2] for n in torch.randint(1, 9, (3,), generator=g)]  # 2 groups of 3, ragged
+    batch = completion_batch(samples)
+    batch["mask"][1, 0] = 0.0  # a token left out of the loss (a masked first token: the prompt's position)
+    shape = batch["mask"].shape
+    batch["advantages"] = torch.randn(len(samples) if algorithm != "ppo" else shape, generator=g)
+    batch["ref_logps"] = -torch.rand(shape, generator=g)
+    if algorithm == "ppo":
+        batch.update(old_logps=-torch.rand(shape, generator=g), old_values=torch.randn(shape, generator=g),
+                     returns=torch.randn(shape, generator=g))
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        out = objective(model, {**batch, **pack_rows(samples, ct.pad_id, share)})
+        out.loss_sum.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (shared, g_shared), (rows, g_rows) = results
+    assert torch.allclose(shared.loss_sum, rows.loss_sum, atol=1e-6) and shared.n_tokens == rows.n_tokens
+    for k in rows.sums:
+        assert torch.allclose(shared.sums[k], rows.sums[k], rtol=1e-5, atol=1e-5), k
+    assert g_shared.keys() == g_rows.keys() and len(g_rows) > 4
+    assert algorithm != "ppo" or any(n.startswith("value.") for n in g_rows)
+    for name in g_rows:  # fp32 summation order differs: relative to the gradient's size
+        scale = g_rows[name].abs().max().clamp(min=1e-3)
+        assert (g_shared[name] - g_rows[name]).abs().max() <= 1e-5 * scale, name
 
 
 def test_a_group_shares_its_prompt_prefill(env: RLEnv, tmp_path: Path) -> None:
@@ -128,6 +178,8 @@ def test_grpo_trains_logs_and_plots(env: RLEnv, tmp_path: Path) -> None:
     assert [r["step"] for r in vals] == [0, 2, 4]  # the baseline, then every eval_interval
     assert (run / "reward.png").is_file() and (run / "loss.png").is_file()
     assert cfg.rl.reference == "frozen"
+    assert all(r["time/val_s"] > 0 for r in vals)
+    assert cfg.training.spike_threshold == float("inf")  # the surrogate's value is no health signal: finiteness only
     final = load_checkpoint(summary["final_checkpoint"])
     assert "lm_head.weight" in final.state_dict or "embed.weight" in final.state_dict
 
@@ -189,6 +241,45 @@ def test_dynamic_sampling_refills_what_the_shortfall_needs() -> None:
     assert src._refill_size(6, pool, 16) == 16 and src._refill_size(6, pool, 7) == 8  # at most 8 per rank
 
 
+def test_prompts_whose_groups_had_equal_rewards_are_passed_over() -> None:
+    """skip_zero_variance = s passes over a prompt with a run of z equal-reward groups with
+    probability 1 - (1 - s)^z (seeded per stream position); ranks split the same taken list; one
+    pass over the prompts at most; a learnable group resets the run."""
+    from types import SimpleNamespace
+
+    from align.rl_data import PromptRecord
+    from align.rollout import RolloutSource
+    from trainer.distributed import DistInfo
+
+    def source(rank: int = 0, world: int = 1, streak: dict | None = None) -> RolloutSource:
+        src = RolloutSource.__new__(RolloutSource)
+        src.rl, src.seed, src.cursor, src.passed_over = SimpleNamespace(skip_zero_variance=0.5), 0, 0, 0
+        src.prompts = [PromptRecord(i, {}, [i]) for i in range(10)]
+        src.zero_streak = dict(streak or {})
+        src.dist = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"),
+                            is_distributed=False)
+        return src
+
+    plain = source()
+    assert [p.index for p in plain._take_prompts(4)[0]] == [0, 1, 2, 3] and plain.passed_over == 0
+    streak = {1: 40, 3: 40, 4: 1}  # 1 and 3: passed over for sure; 4: a coin flip
+    one = source(streak=streak)
+    taken = [p.index for p in one._take_prompts(6)[0]]
+    assert 1 not in taken and 3 not in taken and taken[:2] == [0, 2]
+    assert one.passed_over == one.cursor - len(taken) and one.passed_over in (2, 3)
+    two = [source(r, 2, streak) for r in range(2)]
+    parts = [s._take_prompts(6) for s in two]
+    assert sorted(p.index for part in parts for p in part[0]) == sorted(taken)
+    assert [t for part in parts for t in part[2]] == [0, 2, 4, 1, 3, 5] and two[0].cursor == two[1].cursor == one.cursor
+    stuck = source(streak={i: 60 for i in range(10)})  # everything "solved": one pass, then take anyway
+    assert len(stuck._take_prompts(3)[0]) == 3 and stuck.passed_over == 10
+    # the record: an equal-reward group extends the run, a learnable one ends it
+    prompts, _, at = plain._take_prompts(3)
+    plain.zero_streak = {prompts[0].index: 2, prompts[1].index: 2}
+    plain._count_zero_variance(3, prompts, at, torch.tensor([True, False, True]))
+    assert plain.zero_streak == {prompts[0].index: 3, prompts[2].index: 1}
+
+
 def test_resume_mid_rollout_is_exact(env: RLEnv, tmp_path: Path) -> None:
     rl = {"num_iterations": 2, "beta": 0.05}
     training = {"max_steps": 5, "eval_interval": 5}
@@ -208,7 +299,7 @@ def test_resume_mid_rollout_is_exact(env: RLEnv, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_two_processes_equal_one(env: RLEnv, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the letter reward's module
-    rl = {"beta": 0.05, "scale_rewards": "batch", "prompts_per_step": 4}
+    rl = {"beta": 0.05, "scale_rewards": "batch", "prompts_per_step": 4, "skip_zero_variance": 0.5}
     training = {"max_steps": 3, "eval_interval": 3, "batch_size": 4}
     one = rl_config(env, tmp_path / "one", "d", rl=rl, training=training)
     rl_stage.train(one)

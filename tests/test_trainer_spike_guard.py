@@ -43,6 +43,11 @@ def test_spike_is_judged_against_recent_history() -> None:
     young = SpikeGuard(threshold=3.0, window=8, min_history=4)
     young.check(0, 2.0, 1.0)
     assert young.check(1, 9.0, 1.0).action == "step"
+    # an infinite threshold (online RL's surrogate losses) judges finiteness only
+    finite_only = SpikeGuard(threshold=math.inf, window=8, min_history=4)
+    for i, loss in enumerate([2.0, 2.0, 2.0, 2.0, 900.0]):  # std 0: any finite threshold would skip 900
+        assert finite_only.check(i, loss, 1.0).action == "step"
+    assert finite_only.check(5, math.nan, 1.0).action == "skip"
 
 
 def test_rollback_after_k_consecutive_and_lr_scale() -> None:

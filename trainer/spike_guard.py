@@ -7,7 +7,7 @@ lower the learning rate) is automated here as pure decision logic with no torch 
 
 * a step is *bad* when its loss or gradient norm is not finite, or when its loss exceeds
   ``mean + threshold * std`` of the last ``window`` good losses (judged once at least
-  `min_history` good losses are known);
+  `min_history` good losses are known; an infinite threshold judges finiteness only);
 * a bad step is skipped (no optimizer update) and counted;
 * after ``max_consecutive`` bad steps in a row the guard asks for a rollback: the engine
   restores the newest checkpoint saved before the streak began, keeps the data position
@@ -63,7 +63,7 @@ class SpikeGuard:
             return f"non-finite loss ({loss})"
         if not math.isfinite(grad_norm):
             return f"non-finite gradient norm ({grad_norm})"
-        if len(self.history) >= self.min_history:
+        if math.isfinite(self.threshold) and len(self.history) >= self.min_history:
             limit = spike_limit(list(self.history), self.threshold)
             if loss > limit:
                 return f"loss spike ({loss:.4f} > {limit:.4f} = mean + {self.threshold:g} std of the last {len(self.history)})"
