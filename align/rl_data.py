@@ -163,7 +163,8 @@ def pack_rows(samples: list[Sample], pad_id: int, share_prompts: bool) -> dict[s
             doc_ids[r, at:at + len(c)] = j
             positions[r, at:at + len(c)] = torch.arange(n, n + len(c))
             # token 0 is predicted by the prompt's last position, token l > 0 by token l - 1
-            src[i, :len(c)] = r * width + torch.tensor([n - 1] + list(range(at, at + len(c) - 1)), dtype=torch.long)
+            predictors = ([n - 1] + list(range(at, at + len(c) - 1)))[:len(c)]
+            src[i, :len(c)] = r * width + torch.tensor(predictors, dtype=torch.long)
             at += len(c)
     out = {"input_ids": ids, "src": src}
     if share_prompts:

@@ -49,8 +49,9 @@ def causal_linear_attention(
     """Normalised causal linear attention in parallel form.
 
     phi_q, phi_k, v: (B, H, T, hd); doc_ids: (B, T) — token i only sees tokens j <= i of its own
-    document or of the row's shared prefix (`model.positions.SHARED_PREFIX`). ``init = (S0 (B, H, hd, hd), z0 (B, H, hd))`` is a state carried in from earlier
-    tokens, seen by every token of the chunk. Returns (B, H, T, hd).
+    document or of the row's shared prefix (`model.positions.SHARED_PREFIX`). ``init = (S0 (B, H,
+    hd, hd), z0 (B, H, hd))`` is a state carried in from earlier tokens, seen by every token of
+    the chunk. Returns (B, H, T, hd).
     """
     seq_len = phi_q.shape[2]
     mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=phi_q.device).tril()  # (T, T)
