@@ -33,7 +33,6 @@ from torch import nn
 from model.cache import PagedStateCache
 from model.config import ModelConfig
 from model.norms import GatedRMSNorm, build_norm
-from model.positions import SHARED_PREFIX
 from model.ssd import causal_conv1d, conv_state_after, segment_ids, ssd_chunked_scan, ssd_step
 
 A_INIT_RANGE = (1.0, 16.0)  # A = -U[1, 16] per head (Mamba-2's default)
@@ -112,9 +111,6 @@ class Mamba2Mixer(nn.Module):
             if doc_ids is not None:
                 raise ValueError("document masking (doc_ids) is only supported without a cache")
             conv0, ssm0 = cache.read_state() if cache.paged else self._continue(cache, int(positions[0, 0]), seq_len)
-        if doc_ids is not None and bool((doc_ids == SHARED_PREFIX).any()):
-            raise ValueError("a shared prefix (doc id -1) needs attention: a Mamba-2 scan cannot fork its state "
-                             "into several documents")
         seg = segment_ids(doc_ids) if doc_ids is not None else None
         weight = self.conv1d.weight[:, 0]  # (conv_dim, K)
         x, b, c = F.silu(causal_conv1d(xbc, weight, self.conv1d.bias, conv0, seg)).split(

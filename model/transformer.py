@@ -33,7 +33,7 @@ from model.mla import MLA
 from model.moe import MoE, moe_aux_loss
 from model.mtp import MTPModule
 from model.norms import build_norm
-from model.positions import RotaryEmbedding, positions_from_doc_ids
+from model.positions import SHARED_PREFIX, RotaryEmbedding, positions_from_doc_ids
 
 ATTENTION_CLASSES = {"mha": Attention, "mla": MLA, "linear": LinearAttention}
 
@@ -159,6 +159,9 @@ class Transformer(nn.Module):
         """
         if cache is not None and doc_ids is not None:
             raise ValueError("doc_ids (packed documents) cannot be combined with a cache")
+        if doc_ids is not None and self.cfg.has_mamba and bool((doc_ids == SHARED_PREFIX).any()):
+            raise ValueError("a shared prefix (doc id -1) needs attention: a Mamba-2 scan cannot fork its state "
+                             "into several documents")
         explicit = positions is not None
         if positions is None:
             positions = self.default_positions(tokens, cache, doc_ids)
