@@ -172,6 +172,13 @@ def pack_rows(samples: list[Sample], pad_id: int, share_prompts: bool) -> dict[s
     return out
 
 
+def cat_samples(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-micro-batch (s_i, l_i) columns stacked into one (S, L) tensor, zero-padded on the
+    right: each micro-batch is only as wide as its own longest completion."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+
 def sft_rows(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     """Rejection-sampling fine-tuning rows ``prompt + completion``, right-padded: ``input_ids``
     (B, T) and ``labels`` (B, T) holding the next token on completion positions and

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from align.rewards import RewardFunctions
 from align.rl_config import RLSection
-from align.rl_data import PromptRecord, Sample, completion_batch, pack_rows, request_seed, sft_rows
+from align.rl_data import PromptRecord, Sample, cat_samples, completion_batch, pack_rows, request_seed, sft_rows
 from align.rl_losses import gae, group_advantages, kl_k1, ppo_token_rewards, whiten, zero_variance_groups
 from data_pipeline.chat import ChatTokenizer
 from inference.engine.llm_engine import LLMEngine
@@ -91,7 +91,7 @@ def batched_logps(model: nn.Module, micros: list[Batch], temperature: float, amp
             out.append(lp.float().cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out)
+    return cat_samples(out)
 
 
 # ---------------------------------------------------------------------------- generation
@@ -424,7 +424,7 @@ class RolloutSource:
                 out.append(v.float().cpu().flatten()[micro["src"]])  # (s, L)
         finally:
             model.train(was_training)
-        return torch.cat(out)
+        return cat_samples(out)
 
     def _global_whiten(self, x: Tensor, mask: Tensor) -> Tensor:
         """Whitening over the masked tokens of every rank (`rl_losses.whiten` in one process)."""

@@ -8,6 +8,8 @@ test_rl_trl_parity.py; the rewards in test_rl_rewards.py.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 from pathlib import Path
 
@@ -206,6 +208,32 @@ def test_every_algorithm_trains(env: RLEnv, tmp_path: Path, rl: dict) -> None:
         assert "rft/kept_frac" in records[0]
     if rl.get("dynamic_sampling"):
         assert "dynamic/dropped_groups_frac" in records[0]
+
+
+@pytest.mark.parametrize("rl", [{"algorithm": "grpo", "beta": 0.05, "num_iterations": 2},
+                                {"algorithm": "ppo", "kl_coef": 0.05}], ids=["grpo", "ppo"])
+def test_micro_batches_of_different_widths_make_one_rollout(env: RLEnv, tmp_path: Path, rl: dict) -> None:
+    """A stop string ends completions at different lengths, so the no-grad passes (old-policy and
+    reference log-probs, PPO's values) run over micro-batches of different widths; their columns
+    are joined into the rollout's (S, L) (the README's PPO command once crashed here)."""
+    from align.rollout import batched_logps
+
+    cfg = rl_config(env, tmp_path, "ragged", rl={**rl, "sampling": {"max_new_tokens": 12, "stop": ["e"]}},
+                    training={"max_steps": 2, "eval_interval": 2, "batch_size": 4})
+    rl_stage.train(cfg)
+    records = train_records(run_dir(tmp_path, "ragged"))
+    assert len(records) == 2 and 1 < records[0]["completion_length"] < 12 and records[0]["truncated_frac"] < 1
+    # the joined columns equal one pass over every sample
+    policy, tok, file, ct, prompts = _policy_and_tokenizer(env, cfg)
+    g = torch.Generator().manual_seed(1)
+    samples = [Sample(prompts[i // 3], torch.randint(5, 200, (n,), generator=g).tolist(), "", "stop")
+               for i, n in enumerate([2, 7, 3, 1, 2, 2])]
+    batch = completion_batch(samples)
+    whole = batched_logps(policy, [{**batch, **pack_rows(samples, ct.pad_id, True)}], 1.0, contextlib.nullcontext)
+    micros = [{"completion": batch["completion"][i:i + 3, :w], "mask": batch["mask"][i:i + 3, :w],
+               **pack_rows(samples[i:i + 3], ct.pad_id, True)} for i, w in ((0, 7), (3, 2))]
+    parts = batched_logps(policy, micros, 1.0, contextlib.nullcontext)
+    assert parts.shape == whole.shape == (6, 7) and torch.allclose(parts, whole, atol=1e-6)
 
 
 def test_lora_grpo_with_the_adapters_off_reference(env: RLEnv, tmp_path: Path) -> None:
