@@ -130,7 +130,7 @@ class _RLMixin:
         result = held_out_reward(self.rl_generator, self.rl_rewards, self.rl_val, self.dist, self.cfg.training.seed,
                                  self.cfg.rl.val_samples)
         self.last_val, self.last_val_step = result, self.step
-        best = self.ckpt.is_best(result["val_loss"])
+        best = self.ckpt.note_validation(result["val_loss"])
         self._record({**result, "best": best, "time/val_s": time.perf_counter() - t0})
         logger.info("step %d | held-out reward %.4f (%s)%s", self.step, result["val_reward"],
                     ", ".join(f"{k[len('val_rewards/'):]} {v:.3f}" for k, v in result.items()

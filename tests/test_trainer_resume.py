@@ -86,7 +86,20 @@ def test_keep_last_keeps_best(tmp_path: Path) -> None:
             mgr.consider_best(step, val)
         mgr.save(step, {"w": torch.zeros(1)}, {"dim": 1}, {"step": step, "best": mgr.state_dict()}, {}, None)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000005"]
-    assert mgr.state_dict() == {"best_loss": 1.0, "best_step": 2}
+    assert mgr.state_dict() == {"best_loss": 1.0, "best_step": 2, "best_seen": None}
+
+
+def test_the_log_calls_a_validation_best_against_every_earlier_one(tmp_path: Path) -> None:
+    """Saved or not: an evaluation between two saves is judged against the earlier evaluations,
+    not only against the saved checkpoints (which once made every such evaluation "best")."""
+    mgr = CheckpointManager(tmp_path, keep_last=1, keep_best=True, is_writer=True)
+    assert [mgr.note_validation(v) for v in (3.0, 2.0, 2.5, 2.0, 1.0)] == [True, True, False, False, True]
+    assert mgr.best_loss is None  # nothing saved: the checkpoints' best is untouched
+    again = CheckpointManager(tmp_path, keep_last=1, keep_best=True, is_writer=True)
+    again.load_state_dict(mgr.state_dict())  # a resumed run remembers it
+    assert not again.note_validation(1.5) and again.note_validation(0.5)
+    again.load_state_dict({"best_loss": 2.0, "best_step": 4})  # a checkpoint from before best_seen
+    assert not again.note_validation(2.0)
 
 
 def test_resolve_resume(tmp_path: Path) -> None:

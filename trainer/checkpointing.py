@@ -97,8 +97,9 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.keep_best = keep_best
         self.is_writer = is_writer
-        self.best_loss: Optional[float] = None
+        self.best_loss: Optional[float] = None  # of the saved checkpoints
         self.best_step: Optional[int] = None
+        self.best_seen: Optional[float] = None  # of every validation, saved or not
 
     def clean_stale(self) -> None:
         """Remove what a crash during a save or a prune left behind (never a complete checkpoint)."""
@@ -111,6 +112,13 @@ class CheckpointManager:
     def is_best(self, loss: float) -> bool:
         """Whether a validation loss beats every saved checkpoint's so far."""
         return self.best_loss is None or loss < self.best_loss
+
+    def note_validation(self, loss: float) -> bool:
+        """Whether a validation loss beats every earlier validation's (what the log calls best)."""
+        best = self.best_seen is None or loss < self.best_seen
+        if best:
+            self.best_seen = loss
+        return best
 
     def consider_best(self, step: int, val_loss: float) -> None:
         """Before saving step `step`, validated at that very step: is it the best checkpoint?"""
@@ -163,11 +171,12 @@ class CheckpointManager:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best_loss": self.best_loss, "best_step": self.best_step}
+        return {"best_loss": self.best_loss, "best_step": self.best_step, "best_seen": self.best_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_loss = state.get("best_loss")
         self.best_step = state.get("best_step")
+        self.best_seen = state.get("best_seen", self.best_loss)
 
 
 def checkpoint_step(path: Path) -> int:

@@ -410,7 +410,7 @@ class Trainer:
         else:
             result = evaluate(self.model, self.val_data(), self.loss_fn, self.tcfg.eval_steps, self.device, self.amp)
         self.last_val, self.last_val_step = result, self.step
-        best = self.ckpt.is_best(result["val_loss"])
+        best = self.ckpt.note_validation(result["val_loss"])
         self._record({**result, "best": best})
         shown = [f"{k[len('val_'):]} {v:.4g}" for k, v in result.items() if k not in ("val_loss", "val_tokens")]
         logger.info("step %d | val loss %.4f%s%s", self.step, result["val_loss"],
