@@ -235,7 +235,9 @@ def test_a_stage_run_too_early_names_the_command(tmp_path):
 FAST = ["training.max_steps=2", "training.eval_interval=2", "training.eval_steps=1", "checkpointing.save_interval=2",
         "logging.sample_interval=0"]
 PER_KIND = {  # a couple of steps, a few prompts: the chain, not the quality
-    "rl": ["rl.val_prompts=4", "rl.prompts_per_step=2", "rl.group_size=2", "rl.sampling.max_new_tokens=8"],
+    # micro-batches of one group, ended early by a stop string: the rollout's micro-batches differ in width
+    "rl": ["rl.val_prompts=4", "rl.prompts_per_step=2", "rl.group_size=2", "rl.sampling.max_new_tokens=8",
+           "training.batch_size=2", 'rl.sampling.stop=["e"]'],
 }
 PER_STAGE = {  # a frozen reference instead of precomputing the reference log-probs of every pair
     "3_rlhf_dpo": ["align.reference=frozen"], "3_rlhf_kto": ["align.reference=frozen"],
