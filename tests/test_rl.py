@@ -210,28 +210,40 @@ def test_every_algorithm_trains(env: RLEnv, tmp_path: Path, rl: dict) -> None:
         assert "dynamic/dropped_groups_frac" in records[0]
 
 
-@pytest.mark.parametrize("rl", [{"algorithm": "grpo", "beta": 0.05, "num_iterations": 2},
-                                {"algorithm": "ppo", "kl_coef": 0.05}], ids=["grpo", "ppo"])
-def test_micro_batches_of_different_widths_make_one_rollout(env: RLEnv, tmp_path: Path, rl: dict) -> None:
+HYBRID = {"layer_types": ["mamba", "full"], "mamba_head_dim": 16, "mamba_state_size": 16, "mamba_chunk_size": 16}
+
+
+@pytest.mark.parametrize("rl, model", [({"algorithm": "grpo", "beta": 0.05, "num_iterations": 2}, None),
+                                       ({"algorithm": "ppo", "kl_coef": 0.05}, None),
+                                       ({"algorithm": "ppo", "kl_coef": 0.05}, HYBRID)],
+                         ids=["grpo", "ppo", "ppo-mamba-hybrid"])
+def test_micro_batches_of_different_widths_make_one_rollout(env: RLEnv, tmp_path: Path, rl: dict,
+                                                            model: dict | None) -> None:
     """A stop string ends completions at different lengths, so the no-grad passes (old-policy and
     reference log-probs, PPO's values) run over micro-batches of different widths; their columns
-    are joined into the rollout's (S, L) (the README's PPO command once crashed here)."""
+    are joined into the rollout's (S, L) (the README's PPO command once crashed here). A policy
+    with Mamba-2 layers takes the one-row-per-sample layout."""
     from align.rollout import batched_logps
 
-    cfg = rl_config(env, tmp_path, "ragged", rl={**rl, "sampling": {"max_new_tokens": 12, "stop": ["e"]}},
-                    training={"max_steps": 2, "eval_interval": 2, "batch_size": 4})
+    base = env.base if model is None else make_base(tmp_path / "hybrid", env.data_dir / "tokenizer",
+                                                     max_seq_len=128, **model)
+    cfg = rl_config(env, tmp_path, "ragged", rl={**rl, "sampling": {"max_new_tokens": 12, "stop": ["a"]}},
+                    training={"max_steps": 2, "eval_interval": 2, "batch_size": 4},
+                    checkpointing={"init_from": str(base)})
     rl_stage.train(cfg)
     records = train_records(run_dir(tmp_path, "ragged"))
     assert len(records) == 2 and 1 < records[0]["completion_length"] < 12 and records[0]["truncated_frac"] < 1
+    assert records[0]["reward_std"] > 0  # the letter reward still varies (the stop string is not its letter)
     # the joined columns equal one pass over every sample
     policy, tok, file, ct, prompts = _policy_and_tokenizer(env, cfg)
     g = torch.Generator().manual_seed(1)
     samples = [Sample(prompts[i // 3], torch.randint(5, 200, (n,), generator=g).tolist(), "", "stop")
                for i, n in enumerate([2, 7, 3, 1, 2, 2])]
     batch = completion_batch(samples)
-    whole = batched_logps(policy, [{**batch, **pack_rows(samples, ct.pad_id, True)}], 1.0, contextlib.nullcontext)
+    share = model is None  # Mamba-2 layers: one row per sample
+    whole = batched_logps(policy, [{**batch, **pack_rows(samples, ct.pad_id, share)}], 1.0, contextlib.nullcontext)
     micros = [{"completion": batch["completion"][i:i + 3, :w], "mask": batch["mask"][i:i + 3, :w],
-               **pack_rows(samples[i:i + 3], ct.pad_id, True)} for i, w in ((0, 7), (3, 2))]
+               **pack_rows(samples[i:i + 3], ct.pad_id, share)} for i, w in ((0, 7), (3, 2))]
     parts = batched_logps(policy, micros, 1.0, contextlib.nullcontext)
     assert parts.shape == whole.shape == (6, 7) and torch.allclose(parts, whole, atol=1e-6)
 
