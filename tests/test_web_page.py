@@ -33,6 +33,9 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-pipe",
 ]
+# what Runtime.evaluate answers when the document it ran in goes away mid-navigation
+NAVIGATING = ("Inspected target navigated or closed", "Execution context was destroyed",
+              "Cannot find default execution context")
 
 
 def test_page_is_served_with_no_external_assets(tmp_path):
@@ -103,9 +106,16 @@ class Chromium:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 30) -> Any:
+        """Poll until ``expression`` is truthy. While the page navigates, an evaluation can land
+        in the old document as it goes away; that poll is retried, not failed."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            value = self.js(expression)
+            try:
+                value = self.js(expression)
+            except RuntimeError as e:
+                if not any(s in str(e) for s in NAVIGATING):
+                    raise
+                value = None
             if value:
                 return value
             time.sleep(0.05)
